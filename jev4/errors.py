@@ -1,0 +1,40 @@
+"""Typed errors that jev4 raises for bad input.
+
+Every error says what was wrong and where (a path, a tensor name, a task), so
+that a user can fix the input without reading jev4's source. The CLI turns any
+`Jev4Error` into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class Jev4Error(Exception):
+    """Base class of every error jev4 raises on purpose."""
+
+
+class ConfigError(Jev4Error):
+    """config.json is missing, unreadable or inconsistent."""
+
+
+class CheckpointError(Jev4Error):
+    """A checkpoint directory or safetensors file is missing, corrupt or does not match the model."""
+
+
+class AdapterError(Jev4Error):
+    """The adapters/ directory is missing, or its tensors do not fit the base model."""
+
+
+class TaskError(Jev4Error):
+    """An unknown task (adapter) name was asked for."""
+
+
+class EncodeError(Jev4Error):
+    """Bad arguments to an encode call (truncate_dim, prompt name, empty input...)."""
+
+
+class OutputExistsError(Jev4Error):
+    """The output path exists and --force was not given."""
+
+
+class ManifestError(Jev4Error):
+    """An artifact's files do not match its manifest."""

@@ -1,0 +1,1 @@
+"""Artifacts: adapter merge, manifests, atomic output directories."""

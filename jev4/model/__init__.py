@@ -1,0 +1,1 @@
+"""The model layer: config, checkpoint, adapters, preprocessing, reference encoder, tiny checkpoint."""

@@ -1,0 +1,221 @@
+"""Finding, checking and reading a checkpoint's safetensors files.
+
+Why our own reader instead of ``from_pretrained``: jev4 must accept both key
+layouts that exist on disk, account for every tensor (a tensor that maps to
+nothing is an error that names it), never unpickle anything, and stream shard
+by shard so that a merge or export never holds the whole model twice. The
+safetensors header is checked against the file size before any tensor is
+read, so a corrupt or truncated shard is reported by name instead of
+surfacing as a crash deep inside a load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from jev4.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+ADAPTER_DIR = "adapters"
+# Files a model download needs; nothing executable (jev4 never runs remote code).
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.jinja", "adapters/*")
+
+# Tensor-name mapping as data: the older on-disk layout (what save_pretrained
+# writes) -> the module names in memory. Names already in the current layout
+# match no rule and pass through unchanged.
+KEY_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^model\.(?!language_model\.|visual\.)"), "model.language_model."),
+    (re.compile(r"^visual\."), "model.visual."),
+)
+# The reverse, for writing the layout upstream's save_pretrained writes.
+OLD_LAYOUT_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^model\.language_model\."), "model."),
+    (re.compile(r"^model\.visual\."), "visual."),
+)
+
+
+def canonical_name(name: str) -> str:
+    """Map a checkpoint tensor name in either layout to the name in memory."""
+    for pattern, replacement in KEY_RULES:
+        if pattern.search(name):
+            return pattern.sub(replacement, name, count=1)
+    return name
+
+
+def old_layout_name(name: str) -> str:
+    """Map an in-memory name to the older on-disk layout."""
+    for pattern, replacement in OLD_LAYOUT_RULES:
+        if pattern.search(name):
+            return pattern.sub(replacement, name, count=1)
+    return name
+
+
+def resolve_model_dir(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """A local checkpoint directory, or a hub id downloaded through huggingface_hub.
+
+    Only data files are downloaded (``HUB_PATTERNS``); upstream's Python files are
+    not needed because jev4 has its own modelling code.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: is a file, expected a checkpoint directory")
+        return path
+    text = str(name_or_path)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"{path}: no such directory (and not a hub id of the form owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError as exc:  # pragma: no cover - huggingface_hub is a core dependency
+        raise CheckpointError("loading from the hub needs huggingface_hub: pip install huggingface_hub") from exc
+    try:
+        local = snapshot_download(text, revision=revision, allow_patterns=list(HUB_PATTERNS))
+    except LocalEntryNotFoundError as exc:
+        raise CheckpointError(
+            f"{text}: not in the local cache and the hub cannot be reached (offline?); "
+            "download it elsewhere and pass the local directory"
+        ) from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{text}: could not download from the hub: {exc}") from exc
+    return Path(local)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's entry in a safetensors header."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header without reading any tensor data.
+
+    Raises a ``CheckpointError`` naming the file when the header is not valid
+    JSON, when it points outside the file, or when the file is shorter than the
+    header says (a truncated download or copy).
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: corrupt safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8 or header_len > 100_000_000:
+                raise CheckpointError(
+                    f"{path}: corrupt safetensors header (claims {header_len} header bytes in a {size}-byte file)"
+                )
+            header_bytes = handle.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc})") from exc
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_len = size - 8 - header_len
+    infos: dict[str, TensorInfo] = {}
+    end_max = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = entry["data_offsets"]
+            infos[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}") from exc
+        end_max = max(end_max, end)
+    if end_max > data_len:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file: tensors need {end_max} data bytes, the file holds {data_len}"
+        )
+    return infos
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The weight files of a checkpoint and the tensors each one holds (by on-disk name)."""
+
+    model_dir: Path
+    shards: tuple[tuple[Path, tuple[str, ...]], ...]
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(len(names) for _, names in self.shards)
+
+
+def list_checkpoint_files(model_dir: Path) -> CheckpointFiles:
+    """Find the weight shards (sharded with an index, or one file) and check their headers."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: no such checkpoint directory")
+    index_path = model_dir / INDEX_NAME
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc})") from exc
+        by_file: dict[str, list[str]] = {}
+        for name, filename in weight_map.items():
+            by_file.setdefault(filename, []).append(name)
+        shards = []
+        for filename in sorted(by_file):
+            path = model_dir / filename
+            if not path.is_file():
+                raise CheckpointError(f"{path}: listed in {INDEX_NAME} but missing")
+            header = read_safetensors_header(path)
+            listed = set(by_file[filename])
+            if listed != set(header):
+                missing = sorted(listed - set(header))[:5]
+                extra = sorted(set(header) - listed)[:5]
+                raise CheckpointError(
+                    f"{path}: does not match {INDEX_NAME} (in index, not in file: {missing}; in file, not in index: {extra})"
+                )
+            shards.append((path, tuple(sorted(header))))
+        return CheckpointFiles(model_dir, tuple(shards))
+    single = model_dir / SINGLE_NAME
+    if single.is_file():
+        header = read_safetensors_header(single)
+        return CheckpointFiles(model_dir, ((single, tuple(sorted(header))),))
+    raise CheckpointError(f"{model_dir}: no {INDEX_NAME} or {SINGLE_NAME} found")
+
+
+def iter_shard_tensors(path: Path, names: tuple[str, ...] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(on-disk name, tensor)`` from one safetensors file; never unpickles."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in names if names is not None else handle.keys():
+                yield name, handle.get_tensor(name)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"{path}: cannot read tensors ({exc})") from exc
+
+
+def check_accounting(found: set[str], expected: set[str], where: str) -> None:
+    """Every expected tensor present and nothing else: name what is wrong."""
+    missing = sorted(expected - found)
+    unexpected = sorted(found - expected)
+    if unexpected:
+        raise CheckpointError(
+            f"{where}: {len(unexpected)} unexpected tensor(s) that map to nothing in the model, "
+            f"e.g. {unexpected[:5]}"
+        )
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} missing tensor(s), e.g. {missing[:5]}")

@@ -1,0 +1,211 @@
+"""The encode API (``encode_text`` / ``encode_image``) and the torch reference behind it.
+
+``Encoder`` owns everything that is the same for every backend: prompts,
+per-sample tasks, length bucketing, Matryoshka truncation and output
+shapes. A backend only implements ``_forward`` (one padded batch in, full
+single vectors and masked multi-vectors out), so switching backend cannot
+change semantics.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from jev4.errors import AdapterError, EncodeError, TaskError
+from jev4.model.adapters import adapter_dir_of, load_adapters
+from jev4.model.checkpoint import list_checkpoint_files, resolve_model_dir
+from jev4.model.config import JinaV4Config, load_config
+from jev4.model.lora import TaskSelector
+from jev4.model.network import JinaEmbeddingsV4, attach_adapters, build_network, load_base_weights, parse_dtype
+from jev4.model.pooling import multi_vector, single_vector, truncate
+from jev4.model.preprocess import DEFAULT_MAX_LENGTH, ModelInputs, Preprocessor, load_image, text_prefix
+
+log = logging.getLogger(__name__)
+
+TaskArg = str | Sequence[str]
+
+
+class Encoder(ABC):
+    """Upstream's encode semantics over any backend."""
+
+    def __init__(self, config: JinaV4Config, preprocessor: Preprocessor, tasks: Sequence[str]):
+        self.config = config
+        self.preprocessor = preprocessor
+        self.tasks = tuple(tasks)
+
+    @abstractmethod
+    def _forward(self, inputs: ModelInputs, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One padded batch -> (single [B, H] normalised, multi [B, T, P] normalised and masked), fp32."""
+
+    def _task_labels(self, task: TaskArg, count: int) -> list[str]:
+        labels = [task] * count if isinstance(task, str) else list(task)
+        if len(labels) != count:
+            raise EncodeError(f"got {len(labels)} task labels for {count} inputs")
+        unknown = sorted({t for t in labels if t not in self.tasks})
+        if unknown:
+            raise TaskError(f"unknown task(s) {unknown}; this model has {list(self.tasks)}")
+        return labels
+
+    def _run(
+        self,
+        order: list[int],
+        build: callable,
+        labels: list[str],
+        truncate_dim: int | None,
+        return_multivector: bool,
+        batch_size: int,
+        progress: bool,
+        desc: str,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        if batch_size < 1:
+            raise EncodeError(f"batch_size must be >= 1, got {batch_size}")
+        dim = self.config.check_truncate_dim(truncate_dim if truncate_dim is not None else self.config.truncate_dim)
+        results: dict[int, torch.Tensor] = {}
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc=desc, unit="batch")
+        for batch in batches:
+            inputs = build(batch)
+            single, multi = self._forward(inputs, [labels[i] for i in batch])
+            for row, index in enumerate(batch):
+                if return_multivector:
+                    results[index] = multi[row, inputs.attention_mask[row].bool()].cpu()
+                else:
+                    results[index] = truncate(single[row], dim).cpu()
+        ordered = [results[i] for i in range(len(order))]
+        if return_multivector:
+            return ordered
+        if not ordered:
+            return torch.empty(0, dim or self.config.hidden_size)
+        return torch.stack(ordered)
+
+    def encode_text(
+        self,
+        texts: str | Sequence[str],
+        task: TaskArg = "retrieval",
+        prompt_name: str | None = None,
+        truncate_dim: int | None = None,
+        return_multivector: bool = False,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Embed texts: [N, dim] single vectors, or a list of [tokens, P] multi-vectors.
+
+        ``task`` is one name or one per text. Texts are sorted by length into
+        batches (less padding) and returned in input order.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise EncodeError("encode_text takes strings; use encode_image for images")
+        labels = self._task_labels(task, len(texts))
+        prompted = [text_prefix(t, prompt_name) + text for t, text in zip(labels, texts)]
+        lengths = self.preprocessor.token_lengths(prompted, max_length) if prompted else []
+        order = sorted(range(len(prompted)), key=lambda i: -lengths[i])
+        return self._run(
+            order,
+            lambda batch: self.preprocessor.text_inputs([prompted[i] for i in batch], max_length),
+            labels,
+            truncate_dim,
+            return_multivector,
+            batch_size,
+            progress,
+            "encoding texts",
+        )
+
+    def encode_image(
+        self,
+        images: Image.Image | str | Path | Sequence[Image.Image | str | Path],
+        task: TaskArg = "retrieval",
+        truncate_dim: int | None = None,
+        return_multivector: bool = False,
+        max_pixels: int | None = None,
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Embed images (PIL images or paths) with the fixed image prompt; pooled over the vision span."""
+        items = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
+        loaded = [load_image(item) for item in items]
+        labels = self._task_labels(task, len(loaded))
+        order = sorted(range(len(loaded)), key=lambda i: -(loaded[i].width * loaded[i].height))
+        return self._run(
+            order,
+            lambda batch: self.preprocessor.image_inputs([loaded[i] for i in batch], max_pixels),
+            labels,
+            truncate_dim,
+            return_multivector,
+            batch_size,
+            progress,
+            "encoding images",
+        )
+
+
+class TorchEncoder(Encoder):
+    """The reference: transformers' Qwen2.5-VL with the task LoRA applied unmerged (or a merged checkpoint)."""
+
+    def __init__(
+        self,
+        network: JinaEmbeddingsV4,
+        config: JinaV4Config,
+        preprocessor: Preprocessor,
+        selector: TaskSelector | None,
+        device: torch.device | str = "cpu",
+    ):
+        tasks = selector.tasks if selector is not None else (config.merged_task,)
+        super().__init__(config, preprocessor, tasks)
+        self.network = network
+        self.selector = selector
+        self.device = torch.device(device)
+        self.dtype = network.model.get_input_embeddings().weight.dtype
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        dtype: str | torch.dtype = "fp32",
+        device: str | torch.device = "cpu",
+        adapter_dir: str | Path | None = None,
+        progress: bool = False,
+    ) -> TorchEncoder:
+        """Load a checkpoint dir (or hub id): base weights, then its ``adapters/`` unless the adapter is merged."""
+        model_dir = resolve_model_dir(name_or_path)
+        config = load_config(model_dir)
+        files = list_checkpoint_files(model_dir)
+        network = build_network(config, parse_dtype(dtype), device)
+        load_base_weights(network, files, progress=progress)
+        selector = None
+        if config.merged_task is None or adapter_dir is not None:
+            adapters = load_adapters(Path(adapter_dir) if adapter_dir else adapter_dir_of(model_dir), config.task_names)
+            selector = attach_adapters(network, adapters)
+        elif (model_dir / "adapters").exists():
+            raise AdapterError(f"{model_dir}: has {config.merged_task!r} merged in and an adapters/ dir: ambiguous")
+        log.info("loaded %s (%s, tasks %s)", model_dir, dtype, selector.tasks if selector else config.merged_task)
+        return cls(network, config, Preprocessor.from_dir(model_dir, config), selector, device)
+
+    @torch.inference_mode()
+    def _forward(self, inputs: ModelInputs, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.device
+        kwargs = dict(
+            input_ids=inputs.input_ids.to(dev),
+            attention_mask=inputs.attention_mask.to(dev),
+            position_ids=inputs.position_ids.to(dev),
+        )
+        if inputs.pixel_values is not None:
+            kwargs["pixel_values"] = inputs.pixel_values.to(dev, self.dtype)
+            kwargs["image_grid_thw"] = inputs.image_grid_thw.to(dev)
+        if self.selector is not None:
+            with self.selector.select(tasks, dev):
+                out = self.network(**kwargs)
+        else:
+            out = self.network(**kwargs)
+        single = single_vector(out.hidden, inputs.pooling_mask.to(dev))
+        multi = multi_vector(out.projected, inputs.attention_mask.to(dev))
+        return single.float(), multi.float()
