@@ -1,0 +1,98 @@
+"""``jev4``: one command with subcommands (``jev4 --help`` lists them)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from jev4.cli.common import run_command
+
+log = logging.getLogger("jev4")
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from jev4.model.tiny import write_tiny_checkpoint
+
+    print(write_tiny_checkpoint(args.out, seed=args.seed, layout=args.layout, force=args.force))
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from jev4.model.encoder import TorchEncoder
+
+    if not args.text and not args.image:
+        raise SystemExit("jev4 encode: give --text and/or --image")
+    encoder = TorchEncoder.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    arrays = {}
+    common = dict(task=args.task, truncate_dim=args.truncate_dim, return_multivector=args.multivector, batch_size=args.batch_size, progress=True)
+    if args.text:
+        out = encoder.encode_text(args.text, prompt_name=args.prompt, **common)
+        arrays.update({f"text_{i}": np.asarray(v) for i, v in enumerate(out)})
+    if args.image:
+        out = encoder.encode_image(args.image, **common)
+        arrays.update({f"image_{i}": np.asarray(v) for i, v in enumerate(out)})
+    np.savez(args.out, **arrays)
+    log.info("wrote %d embeddings to %s", len(arrays), args.out)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from jev4.cli.export import main as export_main
+
+    return export_main(args.rest)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from jev4.cli.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jev4", description="jina-embeddings-v4 artifacts and their verification.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("make-tiny", help="write the built-in tiny checkpoint (upstream layout, random weights)")
+    tiny.add_argument("out")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--layout", choices=["old", "new"], default="old", help="base key layout: old (what upstream writes) or new")
+    tiny.add_argument("--force", action="store_true")
+    tiny.set_defaults(handler=_make_tiny)
+
+    enc = sub.add_parser("encode", help="embed texts and/or images with the torch reference; writes an .npz")
+    enc.add_argument("--model", required=True)
+    enc.add_argument("--task", default="retrieval")
+    enc.add_argument("--prompt", choices=["query", "passage"], default="query")
+    enc.add_argument("--text", action="append", default=[])
+    enc.add_argument("--image", action="append", default=[])
+    enc.add_argument("--truncate-dim", type=int)
+    enc.add_argument("--multivector", action="store_true")
+    enc.add_argument("--batch-size", type=int, default=8)
+    enc.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    enc.add_argument("--device", default="cpu")
+    enc.add_argument("--out", required=True, help="output .npz")
+    enc.set_defaults(handler=_encode)
+
+    exp = sub.add_parser("export", help="same as jev4-export", add_help=False)
+    exp.add_argument("rest", nargs=argparse.REMAINDER)
+    exp.set_defaults(handler=_export)
+
+    demo = sub.add_parser("demo", help="tiny checkpoint -> merge -> parity table")
+    demo.add_argument("--workdir", default="demo-out")
+    demo.add_argument("--adapter", default="retrieval")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.handler, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
