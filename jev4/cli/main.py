@@ -51,6 +51,18 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _bench_merge(args: argparse.Namespace) -> int:
+    from jev4.bench.merge import run_merge_bench
+
+    return run_merge_bench(args)
+
+
+def _bench_encode(args: argparse.Namespace) -> int:
+    from jev4.bench.encode import run_encode_bench
+
+    return run_encode_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jev4", description="jina-embeddings-v4 artifacts and their verification.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -86,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--adapter", default="retrieval")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks on full-size random-weight models (figures for docs/)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    merge = bench_sub.add_parser("merge", help="time and peak RSS of merging a full-size bf16 checkpoint")
+    merge.add_argument("--workdir", default=".bench")
+    merge.add_argument("--results", help="also write the figures to this JSON file")
+    merge.add_argument("--keep", action="store_true", help="keep the merged outputs")
+    merge.set_defaults(handler=_bench_merge)
+    encode = bench_sub.add_parser("encode", help="throughput/latency/memory of the full-size torch reference (random weights)")
+    encode.add_argument("--device", default="cuda")
+    encode.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    encode.add_argument("--modes", default="unmerged,merged", help="unmerged (upstream-style LoRA) and/or merged")
+    encode.add_argument("--batches", default="1,8,32")
+    encode.add_argument("--seqs", default="128,512,2048")
+    encode.add_argument("--warmup", type=int, default=3)
+    encode.add_argument("--iters", type=int, default=10)
+    encode.add_argument("--results", help="also write the figures to this JSON file")
+    encode.set_defaults(handler=_bench_encode)
     return parser
 
 

@@ -25,7 +25,6 @@ from jev4.export.manifest import Manifest, write_manifest
 from jev4.export.qwen2_text import PROJECTOR_FILE, qwen2_config, sentence_transformers_files
 from jev4.model.adapters import TaskLora, adapter_dir_of, load_adapters
 from jev4.model.checkpoint import (
-    INDEX_NAME,
     CheckpointFiles,
     canonical_name,
     check_accounting,
@@ -37,6 +36,7 @@ from jev4.model.checkpoint import (
 )
 from jev4.model.config import MERGED_TASK_KEY, JinaV4Config, load_config
 from jev4.model.network import build_meta_network, dtype_name, linear_shapes, parse_dtype
+from jev4.model.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -119,48 +119,6 @@ def plan_merge(settings: MergeSettings) -> MergePlan:
     return MergePlan(model_dir, config, files, adapters.for_task(task), _SAFETENSORS_DTYPES[dtypes.pop()])
 
 
-class _ShardWriter:
-    """Buffers tensors and writes numbered shards of at most ``max_bytes`` (one tensor may exceed it)."""
-
-    def __init__(self, out: Path, max_bytes: int):
-        self.out, self.max_bytes = out, max_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffered = 0
-        self.written: list[tuple[str, list[str]]] = []
-        self.total = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffered + size > self.max_bytes:
-            self.flush()
-        self.buffer[name] = tensor.contiguous()
-        self.buffered += size
-        self.total += size
-
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        tmp_name = f"part-{len(self.written):05d}.safetensors"
-        save_file(self.buffer, str(self.out / tmp_name), metadata={"format": "pt"})
-        self.written.append((tmp_name, list(self.buffer)))
-        self.buffer, self.buffered = {}, 0
-
-    def finish(self) -> None:
-        """Rename parts to ``model-0000i-of-0000n.safetensors`` (or ``model.safetensors``) and write the index."""
-        self.flush()
-        count = len(self.written)
-        if count == 1:
-            (self.out / self.written[0][0]).rename(self.out / "model.safetensors")
-            return
-        weight_map = {}
-        for i, (tmp_name, names) in enumerate(self.written, start=1):
-            final = f"model-{i:05d}-of-{count:05d}.safetensors"
-            (self.out / tmp_name).rename(self.out / final)
-            weight_map.update({n: final for n in names})
-        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
 def merge_checkpoint(settings: MergeSettings, progress: bool = True) -> Path:
     """Write a merged checkpoint to ``settings.out`` (atomically) and return its path."""
     plan = plan_merge(settings)
@@ -173,7 +131,7 @@ def merge_checkpoint(settings: MergeSettings, progress: bool = True) -> Path:
         shards = tqdm(shards, desc=f"merging {settings.adapter}", unit="shard")
     merged_count = 0
     with atomic_output_dir(out, force=settings.force) as tmp:
-        writer = _ShardWriter(tmp, settings.max_shard_bytes)
+        writer = ShardWriter(tmp, settings.max_shard_bytes)
         projector: dict[str, torch.Tensor] = {}
         for path, names in shards:
             for disk_name, tensor in iter_shard_tensors(path, names):

@@ -104,7 +104,10 @@ def build_network(config: JinaV4Config, dtype: torch.dtype = torch.float32, devi
     Parameters are created in ``dtype``; buffers such as rotary ``inv_freq``
     stay fp32 (casting them would move outputs, see UPSTREAM.md).
     """
-    from transformers.initialization import no_init_weights
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5.x kept it in modeling_utils
+        from transformers.modeling_utils import no_init_weights
 
     with no_init_weights(), _default_dtype(dtype), torch.device(device):
         net = JinaEmbeddingsV4(config)

@@ -60,7 +60,8 @@ TARGET_REGEX = r"(.*(model).*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Sizes of the toy model; head_dim 16 so mrope_section is [2, 3, 3]."""
+    """Sizes of a synthetic model. The defaults are the toy model (head_dim 16, so
+    mrope_section [2, 3, 3]); ``FULL_SIZE`` holds the real jina-embeddings-v4 sizes."""
 
     hidden_size: int = 64
     layers: int = 2
@@ -77,6 +78,34 @@ class TinySpec:
     lora_alpha: int = 16
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 256
+    mrope_section: tuple[int, int, int] = (2, 3, 3)
+    fullatt_block_indexes: tuple[int, ...] = (1, 3)
+    matryoshka_dims: tuple[int, ...] = (8, 16, 32, 64)
+
+
+# Qwen2.5-VL-3B + jina-embeddings-v4's heads and adapters (3.8B parameters).
+FULL_SIZE = TinySpec(
+    hidden_size=2048,
+    layers=36,
+    heads=16,
+    kv_heads=2,
+    intermediate_size=11008,
+    vision_depth=32,
+    vision_hidden=1280,
+    vision_heads=16,
+    vision_intermediate=3420,
+    multi_vector_dim=128,
+    lora_r=32,
+    lora_alpha=32,
+    min_pixels=56 * 56,
+    max_pixels=28 * 28 * 1280,
+    mrope_section=(16, 24, 24),
+    fullatt_block_indexes=(7, 15, 23, 31),
+    matryoshka_dims=(128, 256, 512, 1024, 2048),
+)
+FULL_SIZE_VOCAB = 151936
+# The real special-token ids (Qwen2 vocabulary).
+REAL_SPECIAL_IDS = {token: 151643 + i for i, token in enumerate(SPECIAL_TOKENS)}
 
 
 def train_tokenizer(spec: TinySpec):
@@ -113,7 +142,7 @@ def _tokenizer_files(tok, out: Path) -> dict[str, int]:
         for t, i in ids.items()
     }
     additional = [t for t in SPECIAL_TOKENS if t != "<|endoftext|>"]
-    _write_json(
+    write_json(
         out / "tokenizer_config.json",
         {
             "add_bos_token": False,
@@ -133,7 +162,7 @@ def _tokenizer_files(tok, out: Path) -> dict[str, int]:
             "unk_token": None,
         },
     )
-    _write_json(
+    write_json(
         out / "special_tokens_map.json",
         {
             "additional_special_tokens": additional,
@@ -141,7 +170,7 @@ def _tokenizer_files(tok, out: Path) -> dict[str, int]:
             "pad_token": {"content": "<|endoftext|>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False},
         },
     )
-    _write_json(out / "added_tokens.json", ids)
+    write_json(out / "added_tokens.json", ids)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return ids
 
@@ -159,7 +188,7 @@ def tiny_config(spec: TinySpec, vocab_size: int, ids: dict[str, int]) -> dict:
         "max_position_embeddings": 128000,
         "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0,
-        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "rope_scaling": {"type": "mrope", "mrope_section": list(spec.mrope_section)},
         "use_sliding_window": False,
         "sliding_window": 32768,
         "max_window_layers": spec.layers,
@@ -181,7 +210,7 @@ def tiny_config(spec: TinySpec, vocab_size: int, ids: dict[str, int]) -> dict:
         "temporal_patch_size": 2,
         "window_size": 112,
         "out_hidden_size": spec.hidden_size,
-        "fullatt_block_indexes": [1, 3],
+        "fullatt_block_indexes": list(spec.fullatt_block_indexes),
         "tokens_per_second": 2,
         "model_type": "qwen2_5_vl",
     }
@@ -198,7 +227,7 @@ def tiny_config(spec: TinySpec, vocab_size: int, ids: dict[str, int]) -> dict:
         "vision_end_token_id": ids["<|vision_end|>"],
         "vision_token_id": ids["<|vision_pad|>"],
         "task_names": TASKS,
-        "matryoshka_dims": [8, 16, 32, spec.hidden_size],
+        "matryoshka_dims": list(spec.matryoshka_dims),
         "truncate_dim": None,
         "multi_vector_projector_dim": spec.multi_vector_dim,
         "single_vector_pool_strategy": "mean",
@@ -220,15 +249,25 @@ def _random_weights(net: JinaEmbeddingsV4, gen: torch.Generator) -> dict[str, to
     return weights
 
 
-def _random_adapters(shapes: dict[str, tuple[int, int]], modules: list[str], spec: TinySpec, gen: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
-    """Per module and task: A ~ N(0, 1/in), B ~ N(0, 0.02) (non-zero, so each task changes the outputs)."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
+def random_adapter_tensors(
+    shapes: dict[str, tuple[int, int]],
+    modules: list[str],
+    spec: TinySpec,
+    gen: torch.Generator,
+    rename=lambda name: name,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Adapter file tensors, per module and task: A ~ N(0, 1/in), B ~ N(0, 0.02).
+
+    B is non-zero (unlike a fresh LoRA) so that each task changes the outputs.
+    """
+    out: dict[str, torch.Tensor] = {}
     for module in modules:
         n_out, n_in = shapes[module]
-        out[module] = {}
         for task in TASKS:
-            out[module][f"A.{task}"] = torch.randn(spec.lora_r, n_in, generator=gen) / n_in**0.5
-            out[module][f"B.{task}"] = 0.02 * torch.randn(n_out, spec.lora_r, generator=gen)
+            key = f"base_model.model.{rename(module)}"
+            out[f"{key}.lora_A.{task}.weight"] = (torch.randn(spec.lora_r, n_in, generator=gen) / n_in**0.5).to(dtype)
+            out[f"{key}.lora_B.{task}.weight"] = (0.02 * torch.randn(n_out, spec.lora_r, generator=gen)).to(dtype)
     return out
 
 
@@ -274,26 +313,23 @@ def write_tiny_checkpoint(
             for name, tensor in tensors.items():
                 weight_map[name] = filename
                 total += tensor.numel() * tensor.element_size()
-        _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
-        _write_json(tmp / "config.json", raw)
+        write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        write_json(tmp / "config.json", raw)
 
         adapter_rename = (lambda n: n) if adapter_layout == "new" else old_layout_name
-        lora = _random_adapters(linear_shapes(net), adapted_modules(spec.layers), spec, gen)
-        adapter_tensors = {}
-        for module, parts in lora.items():
-            for part, tensor in parts.items():
-                kind, task = part.split(".", 1)
-                adapter_tensors[f"base_model.model.{adapter_rename(module)}.lora_{kind}.{task}.weight"] = tensor.to(lora_dtype).contiguous()
+        adapter_tensors = random_adapter_tensors(
+            linear_shapes(net), adapted_modules(spec.layers), spec, gen, adapter_rename, lora_dtype
+        )
         (tmp / ADAPTER_DIR).mkdir()
         save_file(adapter_tensors, str(tmp / ADAPTER_DIR / "adapter_model.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / ADAPTER_DIR / "adapter_config.json", _adapter_config(spec))
-        _write_processor_files(tmp, spec)
-        _write_json(tmp / "generation_config.json", {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]})
+        write_json(tmp / ADAPTER_DIR / "adapter_config.json", adapter_config(spec))
+        write_processor_files(tmp, spec)
+        write_json(tmp / "generation_config.json", {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]})
     log.info("tiny checkpoint (seed %d, %s layout) written to %s", seed, layout, out)
     return Path(out)
 
 
-def _adapter_config(spec: TinySpec) -> dict:
+def adapter_config(spec: TinySpec) -> dict:
     return {
         "alpha_pattern": {},
         "auto_mapping": None,
@@ -318,7 +354,7 @@ def _adapter_config(spec: TinySpec) -> dict:
     }
 
 
-def _write_processor_files(out: Path, spec: TinySpec) -> None:
+def write_processor_files(out: Path, spec: TinySpec) -> None:
     image = {
         "do_convert_rgb": True,
         "do_normalize": True,
@@ -337,11 +373,11 @@ def _write_processor_files(out: Path, spec: TinySpec) -> None:
         "size": {"longest_edge": spec.max_pixels, "shortest_edge": spec.min_pixels},
         "temporal_patch_size": 2,
     }
-    _write_json(out / "preprocessor_config.json", image)
+    write_json(out / "preprocessor_config.json", image)
     video = {**image, "video_processor_type": "Qwen2VLVideoProcessor"}
     video.pop("image_processor_type")
-    _write_json(out / "video_preprocessor_config.json", video)
+    write_json(out / "video_preprocessor_config.json", video)
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,45 @@
+"""``jev4 bench merge``: time and peak memory of merging a full-size (3.8B, bf16) random checkpoint.
+
+Each step runs in its own child process so that its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from jev4.bench.process import machine_summary, measure_child, python_module
+
+log = logging.getLogger(__name__)
+
+
+def run_merge_bench(args: argparse.Namespace) -> int:
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    source = work / "full-size-bf16"
+    results: dict = {"machine": machine_summary(), "steps": {}}
+    if not (source / "config.json").is_file():
+        step = measure_child(python_module("jev4.bench.write_full_size", str(source)))
+        results["steps"]["write random full-size checkpoint"] = step.__dict__
+        if step.returncode:
+            return step.returncode
+    results["source_bytes"] = sum(p.stat().st_size for p in source.rglob("*.safetensors"))
+    for label, extra in (("merge retrieval (bf16 out)", []), ("merge retrieval --text-only (bf16 out)", ["--text-only"])):
+        out = work / ("merged-text" if extra else "merged")
+        cmd = python_module("jev4.cli.export", "--model", str(source), "--adapter", "retrieval", "--out", str(out), "--force", "--no-progress", *extra)
+        step = measure_child(cmd)
+        step_dict = step.__dict__ | {"out_bytes": sum(p.stat().st_size for p in out.rglob("*.safetensors")) if out.exists() else 0}
+        results["steps"][label] = step_dict
+        log.info("%s: %.1f s, peak RSS %.2f GiB", label, step.seconds, step.peak_rss_gib)
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
+        if step.returncode:
+            return step.returncode
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.results:
+        Path(args.results).write_text(text + "\n")
+    return 0
