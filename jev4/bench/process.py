@@ -6,8 +6,8 @@ that the parent's own imports and caches do not inflate.
 
 from __future__ import annotations
 
+import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -23,15 +23,13 @@ class ProcessMeasure:
 
 
 def measure_child(command: list[str]) -> ProcessMeasure:
-    """Run ``command``; peak RSS is the largest of this process's children (run one at a time)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run ``command`` and read its own resource usage (``wait4``), so earlier children don't count."""
     start = time.perf_counter()
-    proc = subprocess.run(command, check=False)
+    proc = subprocess.Popen(command)
+    _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak_kib <= before:
-        peak_kib = before  # ru_maxrss is a max over all children so far; run benchmarks in a fresh parent
-    return ProcessMeasure(command, seconds, peak_kib / 1024**2, proc.returncode)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return ProcessMeasure(command, seconds, usage.ru_maxrss / 1024**2, proc.returncode)
 
 
 def python_module(module: str, *args: str) -> list[str]:
@@ -39,8 +37,6 @@ def python_module(module: str, *args: str) -> list[str]:
 
 
 def machine_summary() -> dict[str, str | int | float]:
-    import os
-
     import torch
 
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import struct
 from collections.abc import Iterator
@@ -20,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from jev4.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -95,11 +94,29 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None) -> 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor's entry in a safetensors header."""
+    """One tensor's entry in a safetensors header; ``start``/``end`` are absolute file offsets."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -136,10 +153,20 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            start, end = entry["data_offsets"]
-            infos[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]))
+            start, end = (int(x) for x in entry["data_offsets"])
+            info = TensorInfo(name, entry["dtype"], tuple(int(d) for d in entry["shape"]), 8 + header_len + start, 8 + header_len + end)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}") from exc
+        dtype = SAFETENSORS_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.dtype!r}")
+        expected = math.prod(info.shape) * dtype.itemsize
+        if end < start or end - start != expected:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header: {name!r} {info.dtype}{list(info.shape)} needs {expected} bytes, "
+                f"offsets give {end - start}"
+            )
+        infos[name] = info
         end_max = max(end_max, end)
     if end_max > data_len:
         raise CheckpointError(
@@ -197,14 +224,28 @@ def list_checkpoint_files(model_dir: Path) -> CheckpointFiles:
 
 
 def iter_shard_tensors(path: Path, names: tuple[str, ...] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(on-disk name, tensor)`` from one safetensors file; never unpickles."""
+    """Yield ``(on-disk name, tensor)`` from one safetensors file, one tensor at a time.
+
+    Tensors are read with plain file reads into fresh buffers rather than
+    through a memory map: a merge touching a 4 GB shard through mmap would
+    count all of it as resident memory. Nothing is unpickled.
+    """
+    header = read_safetensors_header(path)
+    wanted = names if names is not None else tuple(header)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            for name in names if names is not None else handle.keys():
-                yield name, handle.get_tensor(name)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # safetensors raises its own SafetensorError
+        with Path(path).open("rb") as handle:
+            for name in wanted:
+                if name not in header:
+                    raise CheckpointError(f"{path}: has no tensor {name!r}")
+                info = header[name]
+                handle.seek(info.start)
+                data = bytearray(info.end - info.start)
+                if handle.readinto(data) != len(data):
+                    raise CheckpointError(f"{path}: truncated while reading {name!r}")
+                dtype = SAFETENSORS_DTYPES[info.dtype]
+                tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+                yield name, tensor.reshape(info.shape)
+    except OSError as exc:
         raise CheckpointError(f"{path}: cannot read tensors ({exc})") from exc
 
 
