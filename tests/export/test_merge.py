@@ -1,0 +1,301 @@
+"""Adapter merge: merged == unmerged for every task, text-only export, bad inputs leave no output."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from jev4.errors import AdapterError, CheckpointError, OutputExistsError, TaskError
+from jev4.export.manifest import MANIFEST_NAME, verify_manifest
+from jev4.export.merge import MergeSettings, merge_checkpoint
+from jev4.model.encoder import TorchEncoder
+
+TEXTS = [
+    "What is the capital of France?",
+    "Paris is the capital and most populous city of France, on the river Seine. " * 4,
+    "x",
+    "def add(a, b):\n    return a + b",
+    "日本の首都は東京です。",
+]
+TASKS = ["retrieval", "text-matching", "code"]
+
+
+def _images():
+    rng = np.random.RandomState(0)
+    return [Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8)) for h, w in [(60, 90), (112, 140), (150, 210)]]
+
+
+def _min_cos(a, b):
+    if isinstance(a, list):
+        return min(_min_cos(x, y) for x, y in zip(a, b, strict=True))
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).min().item()
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory, merge_source):
+    root = tmp_path_factory.mktemp("merged")
+    return {t: merge_checkpoint(MergeSettings(model=str(merge_source), adapter=t, out=str(root / t), dtype="fp32"), progress=False) for t in TASKS}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_merged_equals_unmerged_text_and_image(merged, source_encoder, task):
+    enc = TorchEncoder.from_pretrained(merged[task], dtype="fp32")
+    assert enc.tasks == (task,)
+    for prompt in ("query", "passage"):
+        assert _min_cos(enc.encode_text(TEXTS, task=task, prompt_name=prompt), source_encoder.encode_text(TEXTS, task=task, prompt_name=prompt)) >= 0.99999
+    assert _min_cos(enc.encode_text(TEXTS, task=task, return_multivector=True), source_encoder.encode_text(TEXTS, task=task, return_multivector=True)) >= 0.99999
+    imgs = _images()
+    assert _min_cos(enc.encode_image(imgs, task=task), source_encoder.encode_image(imgs, task=task)) >= 0.99999
+    assert _min_cos(enc.encode_image(imgs, task=task, return_multivector=True), source_encoder.encode_image(imgs, task=task, return_multivector=True)) >= 0.99999
+
+
+def test_merge_changes_exactly_the_adapted_weights(merged, merge_source):
+    """W' - W equals s * B @ A for adapted modules and 0 elsewhere."""
+    from jev4.model.adapters import load_adapters
+    from jev4.model.checkpoint import canonical_name, iter_shard_tensors, list_checkpoint_files
+
+    def weights(path):
+        return {canonical_name(n): t.float() for p, names in list_checkpoint_files(path).shards for n, t in iter_shard_tensors(p, names)}
+
+    before, after = weights(merge_source), weights(merged["code"])
+    loras = load_adapters(merge_source / "adapters", tuple(TASKS)).for_task("code")
+    assert set(before) == set(after)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {f"{m}.weight" for m in loras}
+    for module, lora in loras.items():
+        torch.testing.assert_close(after[f"{module}.weight"] - before[f"{module}.weight"], lora.scale * lora.B @ lora.A, rtol=1e-4, atol=1e-6)
+
+
+def test_merged_checkpoint_refuses_other_task(merged):
+    enc = TorchEncoder.from_pretrained(merged["retrieval"])
+    with pytest.raises(TaskError, match="retrieval"):
+        enc.encode_text(["a"], task="code")
+
+
+def test_merged_layout_and_manifest(merged):
+    out = merged["retrieval"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["jev4_merged_task"] == "retrieval"
+    assert config["torch_dtype"] == "float32"
+    assert not (out / "adapters").exists()
+    keys = set()
+    for f in out.glob("*.safetensors"):
+        keys |= set(load_file(f))
+    assert any(k.startswith("model.layers.0.") for k in keys) and any(k.startswith("visual.") for k in keys)
+    assert "multi_vector_projector.weight" in keys
+    manifest = verify_manifest(out)
+    assert manifest["settings"]["adapter"] == "retrieval"
+    assert manifest["settings"]["out_dtype"] == "fp32" and manifest["settings"]["source_dtype"] == "bf16"
+    assert {"torch", "transformers", "jev4"} <= set(manifest["versions"])
+    assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
+
+
+def test_default_dtype_is_the_source_dtype(tmp_path, merge_source):
+    out = merge_checkpoint(MergeSettings(model=str(merge_source), adapter="retrieval", out=str(tmp_path / "m")), progress=False)
+    tensors = {}
+    for f in out.glob("*.safetensors"):
+        tensors |= load_file(f)
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+
+
+def test_manifest_detects_tampering(tmp_path, merged):
+    from jev4.errors import ManifestError
+
+    copy = shutil.copytree(merged["retrieval"], tmp_path / "copy")
+    verify_manifest(copy)
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    with pytest.raises(ManifestError, match="config.json"):
+        verify_manifest(copy)
+
+
+def test_small_shards_are_indexed(tmp_path, merge_source, source_encoder):
+    out = merge_checkpoint(MergeSettings(model=str(merge_source), adapter="code", out=str(tmp_path / "m"), dtype="fp32", max_shard_bytes=200_000), progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted({f for f in index["weight_map"].values()})
+    assert len(files) > 2 and all(f.endswith(f"-of-{len(files):05d}.safetensors") for f in files)
+    enc = TorchEncoder.from_pretrained(out)
+    assert _min_cos(enc.encode_text(TEXTS, task="code"), source_encoder.encode_text(TEXTS, task="code")) >= 0.99999
+
+
+# ---- text-only export: a plain Qwen2 checkpoint that sentence-transformers loads --------------------
+
+
+@pytest.fixture(scope="module", params=["retrieval", "text-matching"])
+def text_only(request, tmp_path_factory, merge_source):
+    task = request.param
+    out = tmp_path_factory.mktemp("text-only") / task
+    return task, merge_checkpoint(MergeSettings(model=str(merge_source), adapter=task, out=str(out), dtype="fp32", text_only=True), progress=False)
+
+
+def test_text_only_is_a_qwen2_checkpoint(text_only):
+    from transformers import AutoModel
+
+    task, out = text_only
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["architectures"] == ["Qwen2Model"]
+    keys = set(load_file(out / "model.safetensors"))
+    assert not any("visual" in k for k in keys)
+    assert "multi_vector_projector.weight" not in keys
+    assert set(load_file(out / "multi_vector_projector.safetensors")) == {"multi_vector_projector.weight", "multi_vector_projector.bias"}
+    model = AutoModel.from_pretrained(out)
+    assert type(model).__name__ == "Qwen2Model"
+
+
+def test_text_only_hidden_states_equal_reference(text_only, source_encoder):
+    """Plain transformers Qwen2Model (1-D RoPE) gives the reference's pooled vectors (M-RoPE)."""
+    from transformers import AutoModel
+
+    from jev4.model.pooling import single_vector
+    from jev4.model.preprocess import text_prefix
+
+    task, out = text_only
+    model = AutoModel.from_pretrained(out).eval()
+    prompted = [text_prefix(task, "passage") + t for t in TEXTS]
+    batch = source_encoder.preprocessor.text_inputs(prompted)
+    with torch.no_grad():
+        hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    ours = single_vector(hidden, batch.attention_mask)
+    ref = source_encoder.encode_text(TEXTS, task=task, prompt_name="passage", batch_size=len(TEXTS))
+    # encode_text sorts by length; compare row by row in input order
+    assert _min_cos(ours, ref) >= 0.99999
+
+
+def test_sentence_transformers_loads_text_only(text_only, source_encoder):
+    from sentence_transformers import SentenceTransformer
+
+    task, out = text_only
+    st = SentenceTransformer(str(out), device="cpu")
+    for prompt in ("query", "passage"):
+        got = st.encode(TEXTS, prompt_name=prompt, convert_to_tensor=True, batch_size=2)
+        ref = source_encoder.encode_text(TEXTS, task=task, prompt_name=prompt)
+        assert _min_cos(got.cpu(), ref) >= 0.99999
+    expected_passage = "Query: " if task == "text-matching" else "Passage: "
+    assert st.prompts["passage"] == expected_passage and st.prompts["query"] == "Query: "
+
+
+# ---- bad inputs: each its own clear error, and no output left behind ------------------------------
+
+
+def _copy(src, dst):
+    return shutil.copytree(src, dst)
+
+
+def _assert_no_output(out):
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
+
+
+def test_missing_dir(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="no-such-dir"):
+        merge_checkpoint(MergeSettings(model=str(tmp_path / "no-such-dir"), adapter="retrieval", out=str(out)), progress=False)
+    _assert_no_output(out)
+
+
+def test_no_adapters_dir(tmp_path, merge_source):
+    src = _copy(merge_source, tmp_path / "src")
+    shutil.rmtree(src / "adapters")
+    out = tmp_path / "out"
+    with pytest.raises(AdapterError, match="adapters"):
+        merge_checkpoint(MergeSettings(model=str(src), adapter="retrieval", out=str(out)), progress=False)
+    _assert_no_output(out)
+
+
+def test_unknown_task(tmp_path, merge_source):
+    out = tmp_path / "out"
+    with pytest.raises(TaskError, match=r"retrieval.*text-matching.*code"):
+        merge_checkpoint(MergeSettings(model=str(merge_source), adapter="summarize", out=str(out)), progress=False)
+    _assert_no_output(out)
+
+
+def test_corrupt_header(tmp_path, merge_source):
+    src = _copy(merge_source, tmp_path / "src")
+    shard = src / "model-00002-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[8:20] = b"not json!!!!"
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors.*corrupt"):
+        merge_checkpoint(MergeSettings(model=str(src), adapter="retrieval", out=str(out)), progress=False)
+    _assert_no_output(out)
+
+
+def test_truncated_shard(tmp_path, merge_source):
+    src = _copy(merge_source, tmp_path / "src")
+    shard = src / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="model-00001-of-00002.safetensors.*truncated"):
+        merge_checkpoint(MergeSettings(model=str(src), adapter="retrieval", out=str(out)), progress=False)
+    _assert_no_output(out)
+
+
+def _rewrite_shard(src, edit):
+    shard = src / "model-00002-of-00002.safetensors"
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard.name} | {k: shard.name for k in tensors}
+    index_path.write_text(json.dumps(index))
+
+
+def test_wrong_shape(tmp_path, merge_source):
+    src = _copy(merge_source, tmp_path / "src")
+    _rewrite_shard(src, lambda t: t.update({"multi_vector_projector.weight": torch.zeros(7, 64, dtype=torch.bfloat16)}))
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=r"multi_vector_projector.weight.*\(7, 64\)"):
+        merge_checkpoint(MergeSettings(model=str(src), adapter="retrieval", out=str(out)), progress=False)
+    _assert_no_output(out)
+
+
+def test_unexpected_tensor(tmp_path, merge_source):
+    src = _copy(merge_source, tmp_path / "src")
+    _rewrite_shard(src, lambda t: t.update({"single_vector_projector.weight": torch.zeros(4, 4, dtype=torch.bfloat16)}))
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="single_vector_projector.weight"):
+        merge_checkpoint(MergeSettings(model=str(src), adapter="retrieval", out=str(out)), progress=False)
+    _assert_no_output(out)
+
+
+def test_missing_tensor(tmp_path, merge_source):
+    src = _copy(merge_source, tmp_path / "src")
+    _rewrite_shard(src, lambda t: t.pop("multi_vector_projector.bias"))
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="missing.*multi_vector_projector.bias"):
+        merge_checkpoint(MergeSettings(model=str(src), adapter="retrieval", out=str(out)), progress=False)
+    _assert_no_output(out)
+
+
+def test_out_exists(tmp_path, merge_source):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--force"):
+        merge_checkpoint(MergeSettings(model=str(merge_source), adapter="retrieval", out=str(out)), progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    merge_checkpoint(MergeSettings(model=str(merge_source), adapter="retrieval", out=str(out), force=True), progress=False)
+    assert not (out / "keep.txt").exists() and (out / MANIFEST_NAME).is_file()
+
+
+def test_failure_midway_keeps_previous_output(tmp_path, merge_source, monkeypatch):
+    """A crash while writing leaves the old OUT intact and no temp dir behind."""
+    import jev4.export.merge as merge_mod
+
+    out = tmp_path / "out"
+    merge_checkpoint(MergeSettings(model=str(merge_source), adapter="retrieval", out=str(out)), progress=False)
+    before = (out / MANIFEST_NAME).read_text()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(merge_mod, "write_manifest", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        merge_checkpoint(MergeSettings(model=str(merge_source), adapter="code", out=str(out), force=True), progress=False)
+    assert (out / MANIFEST_NAME).read_text() == before
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
