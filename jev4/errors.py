@@ -38,3 +38,11 @@ class OutputExistsError(Jev4Error):
 
 class ManifestError(Jev4Error):
     """An artifact's files do not match its manifest."""
+
+
+class MissingDependencyError(Jev4Error):
+    """An optional dependency is not installed; the message gives the pip command."""
+
+
+class ProviderError(Jev4Error):
+    """An onnxruntime execution provider (or a GPU) that was asked for is not available."""

@@ -51,6 +51,7 @@ class Manifest:
     kind: str
     source: str
     settings: dict[str, Any]
+    contents: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=package_versions)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -63,6 +64,7 @@ class Manifest:
             "kind": self.kind,
             "source": self.source,
             "settings": self.settings,
+            "contents": self.contents,
             "versions": self.versions,
             "created": self.created,
             "files": self.files,

@@ -119,6 +119,18 @@ def plan_merge(settings: MergeSettings) -> MergePlan:
     return MergePlan(model_dir, config, files, adapters.for_task(task), _SAFETENSORS_DTYPES[dtypes.pop()])
 
 
+def merge_into_network(network: torch.nn.Module, loras: dict[str, TaskLora]) -> int:
+    """The same merge, in memory: ``W += s * B @ A`` computed in fp32, stored back in the weight's dtype.
+
+    For exporters that load the base network anyway; returns the number of merged modules.
+    """
+    with torch.no_grad():
+        for path, lora in loras.items():
+            linear = network.get_submodule(path)
+            linear.weight.copy_((linear.weight.float() + lora.delta().to(linear.weight.device)).to(linear.weight.dtype))
+    return len(loras)
+
+
 def merge_checkpoint(settings: MergeSettings, progress: bool = True) -> Path:
     """Write a merged checkpoint to ``settings.out`` (atomically) and return its path."""
     plan = plan_merge(settings)
