@@ -21,7 +21,7 @@ def setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     # transformers and huggingface_hub are chatty about things jev4 already handles.
-    for name in ("transformers", "huggingface_hub", "sentence_transformers"):
+    for name in ("transformers", "huggingface_hub", "sentence_transformers", "onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import transformers

@@ -19,8 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. jinaai/jina-embeddings-v4)")
     parser.add_argument("--adapter", required=True, help="task adapter to merge: retrieval, text-matching or code")
     parser.add_argument("--adapter-dir", help="a different adapters/ directory (e.g. one tuned by jev4 qat)")
-    parser.add_argument("--format", choices=["hf"], default="hf", help="hf: merged safetensors checkpoint")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="storage dtype of the merged weights (default: the source's)")
+    parser.add_argument("--format", choices=["hf", "onnx"], default="hf", help="hf: merged safetensors checkpoint; onnx: language (+ vision) graphs")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (hf default: the source's; onnx default: fp32)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (onnx format)")
+    parser.add_argument("--no-validate", action="store_true", help="skip the onnxruntime check right after an ONNX export")
     parser.add_argument("--text-only", action="store_true", help="drop the vision tower; write a standard Qwen2 + sentence-transformers checkpoint")
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -30,6 +32,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def export(args: argparse.Namespace) -> int:
+    if args.format == "onnx":
+        from jev4.export.onnx import OnnxExportSettings, export_onnx
+
+        out = export_onnx(
+            OnnxExportSettings(
+                model=args.model,
+                adapter=args.adapter,
+                out=args.out,
+                dtype=args.dtype or "fp32",
+                text_only=args.text_only,
+                opset=args.opset,
+                adapter_dir=args.adapter_dir,
+                validate=not args.no_validate,
+                force=args.force,
+            ),
+            progress=not args.no_progress,
+        )
+        log.info("artifact written: %s", out)
+        print(out)
+        return 0
     from jev4.export.merge import MergeSettings, merge_checkpoint
 
     settings = MergeSettings(
