@@ -1,4 +1,4 @@
-"""``jev4 bench merge``: time and peak memory of merging a full-size (3.8B, bf16) random checkpoint.
+"""``jev4 bench merge``: time and peak memory of exports (merge, ONNX) of a full-size (3.8B, bf16) random checkpoint.
 
 Each step runs in its own child process so that its peak RSS is its own.
 """
@@ -16,7 +16,17 @@ from jev4.bench.process import machine_summary, measure_child, python_module
 log = logging.getLogger(__name__)
 
 
+EXPORTS = {
+    "merge": (
+        ("merge retrieval (bf16 out)", "merged", []),
+        ("merge retrieval --text-only (bf16 out)", "merged-text", ["--text-only"]),
+    ),
+    "onnx": (("onnx export retrieval --text-only --dtype fp16", "onnx-text-fp16", ["--format", "onnx", "--text-only", "--dtype", "fp16", "--no-validate"]),),
+}
+
+
 def run_merge_bench(args: argparse.Namespace) -> int:
+    """Write the full-size source once, then time each export of ``args.exports`` in a child process."""
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     source = work / "full-size-bf16"
@@ -27,11 +37,11 @@ def run_merge_bench(args: argparse.Namespace) -> int:
         if step.returncode:
             return step.returncode
     results["source_bytes"] = sum(p.stat().st_size for p in source.rglob("*.safetensors"))
-    for label, extra in (("merge retrieval (bf16 out)", []), ("merge retrieval --text-only (bf16 out)", ["--text-only"])):
-        out = work / ("merged-text" if extra else "merged")
+    for label, name, extra in EXPORTS[args.exports]:
+        out = work / name
         cmd = python_module("jev4.cli.export", "--model", str(source), "--adapter", "retrieval", "--out", str(out), "--force", "--no-progress", *extra)
         step = measure_child(cmd)
-        step_dict = step.__dict__ | {"out_bytes": sum(p.stat().st_size for p in out.rglob("*.safetensors")) if out.exists() else 0}
+        step_dict = step.__dict__ | {"out_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.exists() else 0}
         results["steps"][label] = step_dict
         log.info("%s: %.1f s, peak RSS %.2f GiB", label, step.seconds, step.peak_rss_gib)
         if not args.keep:

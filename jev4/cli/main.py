@@ -63,6 +63,12 @@ def _bench_encode(args: argparse.Namespace) -> int:
     return run_encode_bench(args)
 
 
+def _bench_ort(args: argparse.Namespace) -> int:
+    from jev4.bench.ort import run_ort_bench
+
+    return run_ort_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jev4", description="jina-embeddings-v4 artifacts and their verification.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -101,10 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks on full-size random-weight models (figures for docs/)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    merge = bench_sub.add_parser("merge", help="time and peak RSS of merging a full-size bf16 checkpoint")
+    merge = bench_sub.add_parser("merge", help="time and peak RSS of exports (merge or onnx) of a full-size bf16 checkpoint")
     merge.add_argument("--workdir", default=".bench")
     merge.add_argument("--results", help="also write the figures to this JSON file")
     merge.add_argument("--keep", action="store_true", help="keep the merged outputs")
+    merge.add_argument("--exports", choices=["merge", "onnx"], default="merge", help="merge: hf merges; onnx: text-only fp16 ONNX export")
     merge.set_defaults(handler=_bench_merge)
     encode = bench_sub.add_parser("encode", help="throughput/latency/memory of the full-size torch reference (random weights)")
     encode.add_argument("--device", default="cuda")
@@ -116,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--iters", type=int, default=10)
     encode.add_argument("--results", help="also write the figures to this JSON file")
     encode.set_defaults(handler=_bench_encode)
+    ort_bench = bench_sub.add_parser("ort", help="onnxruntime CUDA EP vs torch bf16 at full size, one run (GPU)")
+    ort_bench.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
+    ort_bench.add_argument("--batches", default="1,8,32")
+    ort_bench.add_argument("--seqs", default="128,512,2048")
+    ort_bench.add_argument("--warmup", type=int, default=3)
+    ort_bench.add_argument("--iters", type=int, default=10)
+    ort_bench.add_argument("--workdir", help="where the exported graph goes (default: a temp dir)")
+    ort_bench.add_argument("--results")
+    ort_bench.set_defaults(handler=_bench_ort)
     return parser
 
 

@@ -188,7 +188,7 @@ class Preprocessor:
     def image_inputs(self, images: Sequence[Image.Image], max_pixels: int | None = None) -> ModelInputs:
         """Images in the fixed chat template; one ``<|image_pad|>`` per merged patch."""
         if self.image_processor is None:
-            raise EncodeError("this checkpoint has no preprocessor_config.json: it cannot encode images")
+            raise EncodeError("this model has no image processor (no preprocessor_config.json; a text-only export?): it cannot encode images")
         kwargs = {}
         if max_pixels is not None:
             size = dict(self.image_processor.size)
