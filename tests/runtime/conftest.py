@@ -27,3 +27,31 @@ def onnx_artifacts(tmp_path_factory, runtime_source):
         task: export_onnx(OnnxExportSettings(model=str(runtime_source), adapter=task, out=str(root / task)), progress=False)
         for task in ("retrieval", "text-matching", "code")
     }
+
+
+def _cuda_provider_skip_reason() -> str | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return "onnxruntime is not installed"
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return "onnxruntime has no CUDAExecutionProvider here (CPU build); runs on a GPU host with onnxruntime-gpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this machine"
+    return None
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def provider(request):
+    """Parity tests run on the CPU provider everywhere and on the CUDA provider where it exists."""
+    if request.param == "cuda":
+        reason = _cuda_provider_skip_reason()
+        if reason:
+            pytest.skip(reason)
+        import onnxruntime
+
+        if hasattr(onnxruntime, "preload_dlls"):
+            onnxruntime.preload_dlls()
+    return request.param

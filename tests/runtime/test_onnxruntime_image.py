@@ -20,8 +20,8 @@ def _cos(a, b):
 
 
 @pytest.mark.parametrize("task", ["retrieval", "text-matching", "code"])
-def test_image_parity_single_and_multi(onnx_artifacts, runtime_reference, task):
-    enc = rt.load(onnx_artifacts[task])
+def test_image_parity_single_and_multi(onnx_artifacts, runtime_reference, task, provider):
+    enc = rt.load(onnx_artifacts[task], provider=provider)
     images = _images()
     ref = runtime_reference.encode_image(images, task=task)
     for batch_size in (1, 4):
@@ -54,7 +54,7 @@ def test_text_only_artifact_refuses_images(tmp_path, runtime_source):
         rt.load(out).encode_image(_images()[:1], task="code")
 
 
-def test_fp16_export_with_vision(tmp_path, runtime_source, runtime_reference):
+def test_fp16_export_with_vision(tmp_path, runtime_source, runtime_reference, provider):
     """fp16 graphs (vision with its fp32 islands) on onnxruntime CPU: single vectors within 0.999."""
     from jev4.export.onnx import OnnxExportSettings, export_onnx
     from jev4.export.onnx_vision import fp32_islands
@@ -62,7 +62,7 @@ def test_fp16_export_with_vision(tmp_path, runtime_source, runtime_reference):
     out = export_onnx(OnnxExportSettings(model=str(runtime_source), adapter="retrieval", out=str(tmp_path / "f16"), dtype="fp16"), progress=False)
     islands = fp32_islands(out / "vision.onnx")
     assert any("merger" in name for name in islands) and any("mlp.down_proj" in name for name in islands)
-    enc = rt.load(out)
+    enc = rt.load(out, provider=provider)
     images = _images()
     assert _cos(enc.encode_image(images), runtime_reference.encode_image(images)).min() >= 0.999
     texts = ["a short query", "a somewhat longer passage about the weather in the mountains " * 5]

@@ -26,8 +26,8 @@ def _cos(a, b):
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_single_and_multi_vector_parity_all_batch_sizes(onnx_artifacts, runtime_reference, task):
-    ort_enc = rt.load(onnx_artifacts[task], backend="onnxruntime", provider="cpu")
+def test_single_and_multi_vector_parity_all_batch_sizes(onnx_artifacts, runtime_reference, task, provider):
+    ort_enc = rt.load(onnx_artifacts[task], backend="onnxruntime", provider=provider)
     texts = _corpus_texts()
     lengths = runtime_reference.preprocessor.token_lengths(["Passage: " + t for t in texts], 512)
     assert min(lengths) <= 5 and max(lengths) == 512
@@ -85,9 +85,9 @@ def test_manifest_records_graphs(onnx_artifacts):
     assert manifest["contents"]["validation"]["language_min_cosine"] >= 0.9999
 
 
-def test_fp16_text_only_export(tmp_path, runtime_source, runtime_reference):
+def test_fp16_text_only_export(tmp_path, runtime_source, runtime_reference, provider):
     out = export_onnx(OnnxExportSettings(model=str(runtime_source), adapter="retrieval", out=str(tmp_path / "fp16"), dtype="fp16", text_only=True), progress=False)
-    enc = rt.load(out)
+    enc = rt.load(out, provider=provider)
     assert enc.float_dtype.name == "float16"
     texts = _corpus_texts()
     got = enc.encode_text(texts, task="retrieval", max_length=512, batch_size=4)
