@@ -69,6 +69,36 @@ def _bench_ort(args: argparse.Namespace) -> int:
     return run_ort_bench(args)
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from jev4.validate.runner import ValidateSettings, validate
+
+    report = validate(
+        ValidateSettings(
+            reference=args.reference,
+            adapter=args.adapter,
+            artifact=args.artifact,
+            out=args.out,
+            datasets=tuple(args.dataset) if args.dataset is not None else ("stdlib-code",),
+            sts=tuple(args.sts),
+            thresholds=args.thresholds,
+            precision=args.precision,
+            provider=args.provider,
+            max_queries=args.max_queries,
+            max_docs=args.max_docs,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            multivector=not args.no_multivector,
+            probes=not args.no_probes,
+            force=args.force,
+        )
+    )
+    print(f"verdict: {'PASS' if report.passed else 'FAIL'} ({len(report.checks) - len(report.failures)}/{len(report.checks)} checks passed)")
+    for check in report.failures:
+        print(f"  failed: {check.describe()}")
+    print(f"report: {args.out}/report.html")
+    return 0 if report.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jev4", description="jina-embeddings-v4 artifacts and their verification.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -98,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="same as jev4-export", add_help=False)
     exp.add_argument("rest", nargs=argparse.REMAINDER)
     exp.set_defaults(handler=_export)
+
+    val = sub.add_parser("validate", help="parity and retrieval quality of an artifact vs the reference; exit 0 pass, 1 fail, 2 bad input")
+    val.add_argument("--reference", required=True, help="reference checkpoint (dir or hub id), run with unmerged adapters in fp32")
+    val.add_argument("--adapter", required=True, help="task adapter the artifact was built with")
+    val.add_argument("--artifact", required=True, help="artifact dir (ONNX artifact, merged checkpoint, ...)")
+    val.add_argument("--dataset", action="append", help="built-in name (stdlib-code, pydoc-pages) or a BEIR dir; repeatable (default: stdlib-code)")
+    val.add_argument("--sts", action="append", default=[], help="tsv of sentence1, sentence2, score (STS Spearman)")
+    val.add_argument("--thresholds", help="JSON file overriding the default thresholds")
+    val.add_argument("--precision", help="threshold set to use (default: from the artifact's manifest)")
+    val.add_argument("--provider", default="cpu", help="onnxruntime provider for ONNX artifacts: cpu, cuda, tensorrt")
+    val.add_argument("--max-queries", type=int, default=200)
+    val.add_argument("--max-docs", type=int, default=1000)
+    val.add_argument("--max-length", type=int, default=512)
+    val.add_argument("--batch-size", type=int, default=8)
+    val.add_argument("--no-multivector", action="store_true", help="skip MaxSim scoring")
+    val.add_argument("--no-probes", action="store_true", help="skip the probe-set parity")
+    val.add_argument("--out", required=True, help="report directory")
+    val.add_argument("--force", action="store_true")
+    val.set_defaults(handler=_validate)
 
     demo = sub.add_parser("demo", help="tiny checkpoint -> merge -> parity table")
     demo.add_argument("--workdir", default="demo-out")

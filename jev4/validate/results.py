@@ -1,0 +1,108 @@
+"""What a validation run produces, as plain dataclasses that serialise to JSON.
+
+Running and comparing are separate steps (as in Polygraphy): encoders are run
+once, the numbers land here, and the verdict and the reports are computed
+from these objects alone, so a report can be rebuilt from ``report.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class MetricCheck:
+    """One thresholded number: ``value`` must be >= ``minimum`` (or <= ``maximum``)."""
+
+    name: str
+    value: float
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        if self.value != self.value:  # NaN never passes
+            return False
+        if self.minimum is not None and self.value < self.minimum:
+            return False
+        if self.maximum is not None and self.value > self.maximum:
+            return False
+        return True
+
+    def describe(self) -> str:
+        bound = f">= {self.minimum:g}" if self.minimum is not None else f"<= {self.maximum:g}"
+        return f"{self.name} = {self.value:.6g} (needs {bound})"
+
+
+@dataclass
+class ParityResult:
+    """Artifact vs reference on the probe set, per output.
+
+    ``per_input`` holds one row per probe input (id, kind, length, cosine per dim,
+    max abs error, multi-vector min/mean token cosine); the aggregates below are
+    what thresholds look at.
+    """
+
+    single_cosine_min: dict[str, float]  # per Matryoshka dim ("2048", "128", ...)
+    single_cosine_mean: dict[str, float]
+    single_max_abs: dict[str, float]
+    multi_token_cosine_min: float
+    multi_token_cosine_mean: float
+    maxsim_pearson: float
+    topk_overlap: float  # mean top-10 overlap of query->doc rankings
+    score_spearman: float  # Spearman of query-document scores
+    per_input: list[dict[str, Any]] = field(default_factory=list)
+    single_cosines: list[float] = field(default_factory=list)  # full-dim cosine per input, for histograms
+    token_cosines: list[float] = field(default_factory=list)  # a sample of per-token cosines, for histograms
+
+
+@dataclass
+class RetrievalResult:
+    """One dataset x scoring mode x Matryoshka dim: reference and artifact metrics."""
+
+    dataset: str
+    scoring: str  # "single" or "multi" (MaxSim)
+    dim: int | None
+    reference: dict[str, float]
+    artifact: dict[str, float]
+
+    @property
+    def delta(self) -> dict[str, float]:
+        return {k: self.artifact[k] - self.reference[k] for k in self.reference if k in self.artifact}
+
+
+@dataclass
+class STSResult:
+    dataset: str
+    reference_spearman: float
+    artifact_spearman: float
+
+
+@dataclass
+class ValidationReport:
+    """Everything ``jev4 validate`` measured, the checks against thresholds, and the context."""
+
+    settings: dict[str, Any]
+    environment: dict[str, Any]
+    precision: str
+    parity: ParityResult | None
+    retrieval: list[RetrievalResult]
+    sts: list[STSResult]
+    checks: list[MetricCheck]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> list[MetricCheck]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["passed"] = self.passed
+        data["failures"] = [c.describe() for c in self.failures]
+        for item, obj in zip(data["retrieval"], self.retrieval):
+            item["delta"] = obj.delta
+        return data

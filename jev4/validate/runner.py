@@ -1,0 +1,106 @@
+"""``validate()``: the reference and an artifact, measured on probes and datasets, with a verdict.
+
+Steps: load both encoders through the runtime, run parity on the probe set,
+run retrieval (and STS) on each dataset, check every number against the
+thresholds of the artifact's precision, write report.json/.md/.html.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import jev4.runtime as rt
+from jev4.atomic import atomic_output_dir
+from jev4.export.manifest import MANIFEST_NAME, package_versions, read_manifest
+from jev4.validate.datasets import load_sts_tsv, resolve_dataset
+from jev4.validate.parity import run_parity
+from jev4.validate.probes import default_probes
+from jev4.validate.report import write_reports
+from jev4.validate.results import ValidationReport
+from jev4.validate.retrieval import run_retrieval, run_sts
+from jev4.validate.thresholds import evaluate, load_thresholds
+
+log = logging.getLogger(__name__)
+
+FLOAT_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+@dataclass(frozen=True)
+class ValidateSettings:
+    """Options of ``jev4 validate``; recorded in the report."""
+
+    reference: str
+    adapter: str
+    artifact: str
+    out: str
+    datasets: tuple[str, ...] = ("stdlib-code",)
+    sts: tuple[str, ...] = ()
+    thresholds: str | None = None
+    precision: str | None = None  # default: read from the artifact's manifest
+    provider: str = "cpu"
+    max_queries: int | None = 200
+    max_docs: int | None = 1000
+    max_length: int = 512
+    batch_size: int = 8
+    multivector: bool = True
+    probes: bool = True
+    force: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def artifact_precision(path: Path) -> str:
+    """The weight precision an artifact was built with, from its manifest (fp32 for a plain checkpoint)."""
+    if not (Path(path) / MANIFEST_NAME).is_file():
+        return "fp32"
+    manifest = read_manifest(path)
+    contents, settings = manifest.get("contents", {}), manifest.get("settings", {})
+    if "precision" in contents:
+        return contents["precision"]
+    if "float_dtype" in contents:
+        return FLOAT_PRECISION.get(contents["float_dtype"], contents["float_dtype"])
+    return settings.get("out_dtype") or "fp32"
+
+
+def environment() -> dict:
+    env = {"versions": package_versions(), "platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def validate(settings: ValidateSettings) -> ValidationReport:
+    """Measure, judge and write the reports; returns the report (``report.passed`` is the verdict)."""
+    precision = settings.precision or artifact_precision(Path(settings.artifact))
+    thresholds = load_thresholds(precision, Path(settings.thresholds) if settings.thresholds else None)
+    datasets = [resolve_dataset(name, settings.max_queries, settings.max_docs) for name in settings.datasets]
+    sts_sets = [load_sts_tsv(Path(p)) for p in settings.sts]
+    with atomic_output_dir(settings.out, force=settings.force) as tmp:
+        reference = rt.load(settings.reference, backend="torch", dtype="fp32")
+        artifact = rt.load(settings.artifact, provider=settings.provider)
+        parity = None
+        if settings.probes:
+            parity = run_parity(reference, artifact, default_probes(settings.max_length), settings.adapter, settings.batch_size, settings.progress)
+        retrieval = []
+        for data in datasets:
+            retrieval += run_retrieval(
+                reference, artifact, data, settings.adapter, settings.multivector, settings.batch_size, settings.max_length, settings.progress
+            )
+        sts = [run_sts(reference, artifact, data, settings.adapter, settings.batch_size) for data in sts_sets]
+        report = ValidationReport(
+            settings={**asdict(settings), "thresholds": thresholds.to_json(), "datasets_checksums": {d.name: d.checksum() for d in datasets}},
+            environment=environment(),
+            precision=precision,
+            parity=parity,
+            retrieval=retrieval,
+            sts=sts,
+            checks=evaluate(parity, retrieval, sts, thresholds),
+        )
+        write_reports(report, tmp)
+    return report
