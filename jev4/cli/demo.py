@@ -1,8 +1,10 @@
-"""``jev4 demo``: the whole path on the built-in tiny checkpoint, ending with a parity table.
+"""``jev4 demo``: the whole path on the built-in tiny checkpoint, ending with a verdict.
 
-Writes the tiny checkpoint, merges the retrieval adapter, and compares the
+Writes the tiny checkpoint, merges the retrieval adapter and compares the
 merged checkpoint with the reference (unmerged LoRA) on a few texts and an
-image, single- and multi-vector. Exit code 1 if parity is below the bar.
+image; then exports the ONNX artifact and runs ``jev4 validate`` on it
+(probe-set parity and retrieval on the built-in code-search set). Exit code 1
+if anything is below its bar.
 """
 
 from __future__ import annotations
@@ -81,6 +83,30 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  {'output':<24}{'min cosine':>14}{'1 - cos':>12}  ok (>= {PARITY_BAR})")
     for row in rows:
         print(f"  {row.name:<24}{row.min_cosine:>14.9f}{1 - row.min_cosine:>12.1e}  {'yes' if row.ok else 'NO'}")
-    passed = all(row.ok for row in rows)
-    print(f"\nverdict: {'PASS' if passed else 'FAIL'}")
-    return 0 if passed else 1
+    merge_ok = all(row.ok for row in rows)
+    print(f"\nmerge parity: {'PASS' if merge_ok else 'FAIL'}")
+
+    from jev4.export.onnx import OnnxExportSettings, export_onnx
+    from jev4.validate.runner import ValidateSettings, validate
+
+    artifact = export_onnx(OnnxExportSettings(model=str(tiny), adapter=args.adapter, out=str(work / f"onnx-{args.adapter}"), force=True))
+    report_dir = work / "report"
+    report = validate(
+        ValidateSettings(
+            reference=str(tiny),
+            adapter=args.adapter,
+            artifact=str(artifact),
+            out=str(report_dir),
+            datasets=("stdlib-code",),
+            max_queries=100,
+            max_docs=400,
+            batch_size=16,
+            force=True,
+        )
+    )
+    print(f"\njev4 validate {artifact} (ONNX, onnxruntime CPU) vs the reference:")
+    print(f"verdict: {'PASS' if report.passed else 'FAIL'} ({len(report.checks) - len(report.failures)}/{len(report.checks)} checks passed)")
+    for check in report.failures:
+        print(f"  failed: {check.describe()}")
+    print(f"report: {report_dir / 'report.html'}")
+    return 0 if merge_ok and report.passed else 1

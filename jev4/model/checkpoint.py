@@ -198,6 +198,12 @@ def list_checkpoint_files(model_dir: Path) -> CheckpointFiles:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc})") from exc
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and isinstance(filename, str) and filename for name, filename in weight_map.items()
+        ):
+            raise CheckpointError(
+                f"{index_path}: 'weight_map' must map tensor names to shard file names, got {type(weight_map).__name__}"
+            )
         by_file: dict[str, list[str]] = {}
         for name, filename in weight_map.items():
             by_file.setdefault(filename, []).append(name)

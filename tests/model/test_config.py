@@ -8,62 +8,180 @@ import pytest
 from jev4.errors import ConfigError, EncodeError, TaskError
 from jev4.model.config import load_config, parse_config
 
+TASKS = ("retrieval", "text-matching", "code")
+
 
 @pytest.fixture(scope="module")
 def raw(tiny_dir):
     return json.loads((tiny_dir / "config.json").read_text())
 
 
-def test_tiny_config(tiny_dir):
+def _edited(raw, edit):
+    bad = copy.deepcopy(raw)
+    edit(bad)
+    return bad
+
+
+def test_tiny_config_parses(tiny_dir, raw):
     cfg = load_config(tiny_dir)
-    assert cfg.task_names == ("retrieval", "text-matching", "code")
-    assert cfg.matryoshka_dims == (8, 16, 32) and cfg.hidden_size == 64 and cfg.multi_vector_dim == 32
-    assert cfg.merged_task is None
+    assert cfg.task_names == TASKS
+    assert cfg.hidden_size == 64 and cfg.num_hidden_layers == 2 and cfg.multi_vector_dim == 32
+    # the full size (64) is listed in the file but is "no truncation", not a Matryoshka dim
+    assert raw["matryoshka_dims"] == [8, 16, 32, 64]
+    assert cfg.matryoshka_dims == (8, 16, 32)
+    assert cfg.truncate_dim is None and cfg.merged_task is None
+    assert cfg.torch_dtype == "bfloat16"
+    special = cfg.special_tokens
+    assert special.image_token_id == raw["image_token_id"]
+    assert special.video_token_id == raw["video_token_id"]
+    assert special.vision_start_token_id == raw["vision_start_token_id"]
+    assert special.vision_end_token_id == raw["vision_end_token_id"]
+    assert len({special.image_token_id, special.video_token_id, special.vision_start_token_id, special.vision_end_token_id}) == 4
+    assert cfg.vision_config["spatial_merge_size"] == 2 and cfg.vision_config["out_hidden_size"] == 64
+
+
+def test_to_transformers_carries_the_sizes(raw):
+    qwen = parse_config(raw).to_transformers()
+    text, vision = qwen.text_config, qwen.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (64, 2, 4, 2)
+    assert text.intermediate_size == 128 and text.vocab_size == raw["vocab_size"]
+    assert text.rope_parameters["mrope_section"] == [2, 3, 3]
+    assert text.rope_parameters["rope_theta"] == raw["rope_theta"]
+    assert (vision.depth, vision.hidden_size, vision.out_hidden_size) == (4, 32, 64)
+    assert list(vision.fullatt_block_indexes) == [1, 3]
+    assert qwen.image_token_id == raw["image_token_id"]
+    assert qwen.vision_start_token_id == raw["vision_start_token_id"]
+    assert qwen.vision_end_token_id == raw["vision_end_token_id"]
 
 
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda r: r.update(truncate_dim=12), "truncate_dim 12"),
-        (lambda r: r["rope_scaling"].update(mrope_section=[2, 2, 2]), "mrope_section"),
-        (lambda r: r.update(single_vector_pool_strategy="cls"), "single_vector_pool_strategy"),
-        (lambda r: r.update(task_names=["code", "code"]), "duplicates"),
-        (lambda r: r.update(num_attention_heads=5), "num_attention_heads"),
-        (lambda r: r.update(matryoshka_dims=[8, 999]), "matryoshka_dims"),
-        (lambda r: r.pop("vision_config"), "vision_config"),
+        (lambda r: r.update(truncate_dim=12), r"truncate_dim 12 is not one of matryoshka_dims"),
+        (lambda r: r["rope_scaling"].update(mrope_section=[2, 2, 2]), r"mrope_section \[2, 2, 2\] sums to 6, expected head_dim/2 = 8"),
+        (lambda r: r["rope_scaling"].update(mrope_section=[4, 4]), r"mrope_section must be three integers"),
+        (lambda r: r.update(single_vector_pool_strategy="cls"), r"single_vector_pool_strategy 'cls' is not supported"),
+        (lambda r: r.update(task_names=["code", "retrieval", "code"]), r"task_names has duplicates"),
+        (lambda r: r.update(task_names=[]), r"task_names must be a non-empty list"),
+        (lambda r: r.update(num_attention_heads=5), r"num_attention_heads"),
+        (lambda r: r.update(hidden_size=0), r"hidden_size must be a positive integer"),
+        (lambda r: r.update(matryoshka_dims=[8, 999]), r"matryoshka_dims"),
+        (lambda r: r.update(multi_vector_projector_dim="128"), r"multi_vector_projector_dim"),
+        (lambda r: r.pop("vision_config"), r"vision_config is missing"),
+        (lambda r: r["vision_config"].update(out_hidden_size=32), r"out_hidden_size 32 != hidden_size 64"),
+        (lambda r: r.update(image_token_id="x"), r"image_token_id must be an integer"),
+    ],
+    ids=[
+        "truncate-dim",
+        "mrope-sum",
+        "mrope-len",
+        "pooling",
+        "duplicate-tasks",
+        "no-tasks",
+        "heads",
+        "hidden",
+        "matryoshka",
+        "mv-dim",
+        "no-vision",
+        "vision-out",
+        "token-id",
     ],
 )
-def test_bad_config(raw, edit, message):
-    bad = copy.deepcopy(raw)
-    edit(bad)
+def test_bad_config_names_the_key(raw, edit, message):
     with pytest.raises(ConfigError, match=message):
-        parse_config(bad)
+        parse_config(_edited(raw, edit), source="somewhere/config.json")
+    # the source is named too
+    with pytest.raises(ConfigError, match="^somewhere/config.json: "):
+        parse_config(_edited(raw, edit), source="somewhere/config.json")
 
 
-def test_missing_and_invalid_files(tmp_path):
-    with pytest.raises(ConfigError, match="config.json: not found"):
+def test_missing_hidden_size_in_both_places(raw):
+    def drop(r):
+        r.pop("hidden_size")
+        r["text_config"].pop("hidden_size")
+
+    with pytest.raises(ConfigError, match="hidden_size must be a positive integer, got None"):
+        parse_config(_edited(raw, drop))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'config.json'}: not found"):
         load_config(tmp_path)
+
+
+def test_invalid_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="not valid JSON"):
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'config.json'}: not valid JSON"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object, got list"):
         load_config(tmp_path)
 
 
-def test_both_rope_spellings_agree(raw):
+def test_errors_from_file_name_the_path(tmp_path, raw):
+    (tmp_path / "config.json").write_text(json.dumps(_edited(raw, lambda r: r.update(truncate_dim=7))))
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'config.json'}: truncate_dim 7"):
+        load_config(tmp_path)
+
+
+def test_truncate_dim_from_config(raw):
+    assert parse_config(_edited(raw, lambda r: r.update(truncate_dim=16))).truncate_dim == 16
+    # the full size means no truncation
+    assert parse_config(_edited(raw, lambda r: r.update(truncate_dim=64))).truncate_dim is None
+
+
+def _new_spelling(r, where=("top", "text")):
+    spelled = {"rope_type": "default", "mrope_section": [2, 3, 3]}
+    if "top" in where:
+        r["rope_scaling"] = dict(spelled)
+    if "text" in where:
+        r["text_config"]["rope_scaling"] = dict(spelled)
+
+
+@pytest.mark.parametrize("where", [("top", "text"), ("top",), ("text",)], ids=["both", "top-only", "text-config-only"])
+def test_both_rope_spellings_give_the_same_transformers_config(raw, where):
+    assert raw["rope_scaling"] == {"type": "mrope", "mrope_section": [2, 3, 3]}
     old = parse_config(raw).to_transformers()
-    new_raw = copy.deepcopy(raw)
-    new_raw["rope_scaling"] = {"rope_type": "default", "mrope_section": [2, 3, 3]}
-    new_raw["text_config"]["rope_scaling"] = new_raw["rope_scaling"]
+    new_raw = _edited(raw, lambda r: _new_spelling(r, where))
+    if where == ("text",):
+        new_raw.pop("rope_scaling")
     new = parse_config(new_raw).to_transformers()
-    assert old.text_config.rope_parameters == new.text_config.rope_parameters
-    assert old.text_config.rope_parameters["mrope_section"] == [2, 3, 3]
+    assert old.to_dict() == new.to_dict()
+    assert new.text_config.rope_parameters == {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1000000.0}
 
 
-def test_checks(tiny_dir):
+def test_rope_theta_reaches_transformers(raw):
+    def edit(r):
+        r["rope_theta"] = 5000.0
+        r["text_config"]["rope_theta"] = 5000.0
+
+    qwen = parse_config(_edited(raw, edit)).to_transformers()
+    assert qwen.text_config.rope_parameters["rope_theta"] == 5000.0
+
+
+def test_jina_keys_do_not_leak_into_transformers(raw):
+    qwen = parse_config(raw).to_transformers().to_dict()
+    for key in ("task_names", "matryoshka_dims", "truncate_dim", "multi_vector_projector_dim", "single_vector_pool_strategy"):
+        assert key not in qwen
+        assert key not in qwen["text_config"]
+
+
+def test_check_truncate_dim(tiny_dir):
     cfg = load_config(tiny_dir)
     for dim in cfg.matryoshka_dims:
         assert cfg.check_truncate_dim(dim) == dim
-    assert cfg.check_truncate_dim(64) is None
-    with pytest.raises(EncodeError, match="truncate_dim=10"):
-        cfg.check_truncate_dim(10)
-    with pytest.raises(TaskError, match=r"'qa'.*\['retrieval', 'text-matching', 'code'\]"):
+    assert cfg.check_truncate_dim(None) is None
+    assert cfg.check_truncate_dim(cfg.hidden_size) is None
+    for bad in (1, 10, 63, 128, 2048):
+        with pytest.raises(EncodeError, match=rf"truncate_dim={bad} is not allowed; choose one of \[8, 16, 32\] or 64"):
+            cfg.check_truncate_dim(bad)
+
+
+def test_check_task(tiny_dir):
+    cfg = load_config(tiny_dir)
+    for task in TASKS:
+        assert cfg.check_task(task) == task
+    with pytest.raises(TaskError, match=r"unknown task 'qa'; this checkpoint has \['retrieval', 'text-matching', 'code'\]"):
         cfg.check_task("qa")
+    with pytest.raises(TaskError, match="retrieval"):
+        cfg.check_task("Retrieval")
