@@ -722,7 +722,7 @@ def render_html(report: ValidationReport) -> str:
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 
 
-def render_check(html_path: Path, png_path: Path, timeout: float = 90.0) -> bool:
+def render_check(html_path: Path, png_path: Path, timeout: float = 90.0, window: tuple[int, int] = (1200, 2400)) -> bool:
     """Screenshot ``html_path`` with headless Chromium into ``png_path``; False if there is no chromium binary.
 
     Also False (with a warning logged) if Chromium ran but wrote no screenshot.
@@ -749,7 +749,7 @@ def render_check(html_path: Path, png_path: Path, timeout: float = 90.0) -> bool
             "--hide-scrollbars",
             f"--user-data-dir={profile}",
             f"--screenshot={png_path}",
-            "--window-size=1200,2400",
+            f"--window-size={window[0]},{window[1]}",
             html_path.as_uri(),
         ]
         try:

@@ -66,6 +66,7 @@ class RetrievalResult:
     dim: int | None
     reference: dict[str, float]
     artifact: dict[str, float]
+    queries: int = 0  # how many queries the metrics average over (their resolution is 1/queries)
 
     @property
     def delta(self) -> dict[str, float]:

@@ -81,7 +81,9 @@ def run_retrieval(
     art = score_dataset(encode_dataset(artifact, data, task, multivector, batch_size, max_length, progress), data, dims)
     full = reference.config.hidden_size
     return [
-        RetrievalResult(dataset=data.name, scoring=scoring, dim=dim or full, reference=ref[(scoring, dim)], artifact=art[(scoring, dim)])
+        RetrievalResult(
+            dataset=data.name, scoring=scoring, dim=dim or full, reference=ref[(scoring, dim)], artifact=art[(scoring, dim)], queries=len(data.queries)
+        )
         for scoring, dim in ref
     ]
 

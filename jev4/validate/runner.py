@@ -17,6 +17,7 @@ import torch
 
 import jev4.runtime as rt
 from jev4.atomic import atomic_output_dir
+from jev4.errors import ConfigError
 from jev4.export.manifest import MANIFEST_NAME, package_versions, read_manifest
 from jev4.validate.datasets import load_sts_tsv, resolve_dataset
 from jev4.validate.parity import run_parity
@@ -81,6 +82,8 @@ def validate(settings: ValidateSettings) -> ValidationReport:
     thresholds = load_thresholds(precision, Path(settings.thresholds) if settings.thresholds else None)
     datasets = [resolve_dataset(name, settings.max_queries, settings.max_docs) for name in settings.datasets]
     sts_sets = [load_sts_tsv(Path(p)) for p in settings.sts]
+    if not (settings.probes or datasets or sts_sets):
+        raise ConfigError("nothing to validate: probes are off and no --dataset or --sts was given")
     with atomic_output_dir(settings.out, force=settings.force) as tmp:
         reference = rt.load(settings.reference, backend="torch", dtype="fp32")
         artifact = rt.load(settings.artifact, provider=settings.provider)

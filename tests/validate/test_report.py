@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from jev4.validate.report import render_check, write_reports
 from jev4.validate.results import ParityResult, RetrievalResult, STSResult, ValidationReport
@@ -167,6 +168,10 @@ def test_render_check_screenshots_the_page(failing_reports, tmp_path):
     png = tmp_path / "shot.png"
     assert render_check(paths["html"], png)
     assert png.read_bytes().startswith(PNG_SIGNATURE) and png.stat().st_size > 10_000
+    pixels = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3).astype(int)
+    fail_red = (np.abs(pixels - [0xCF, 0x22, 0x2E]).sum(axis=1) < 12).sum()
+    assert fail_red > 20_000, "the red FAIL banner was not painted"
+    assert (pixels.sum(axis=1) < 200).sum() > 2_000, "no dark text was painted"
 
 
 def test_render_check_without_chromium(failing_reports, tmp_path, monkeypatch):

@@ -168,3 +168,16 @@ def test_evaluate_skips_missing_parts_and_fails_missing_numbers():
     assert [c.passed for c in checks] == [False, False]  # nan nDCG, missing recall@100
     improved = evaluate(None, [RetrievalResult("d", "single", 128, ref, {"ndcg@10": 0.6, "recall@100": 0.95})], [], DEFAULTS["fp32"])
     assert all(c.passed for c in improved) and improved[0].value == pytest.approx(-0.1)
+
+
+def test_drop_bound_never_finer_than_one_query():
+    """With 100 queries Recall@100 moves in 0.01 steps: one query's slip passes, two fail."""
+    ref = {"ndcg@10": 0.5, "recall@100": 0.9}
+    one = RetrievalResult("d", "single", 128, ref, {"ndcg@10": 0.5, "recall@100": 0.89}, queries=100)
+    two = RetrievalResult("d", "single", 128, ref, {"ndcg@10": 0.5, "recall@100": 0.88}, queries=100)
+    many = RetrievalResult("d", "single", 128, ref, {"ndcg@10": 0.5, "recall@100": 0.89}, queries=10_000)
+    by_name = lambda checks: {c.name.split(": ")[-1]: c for c in checks}  # noqa: E731
+    assert by_name(evaluate(None, [one], [], DEFAULTS["fp32"]))["Recall@100 drop"].passed
+    assert not by_name(evaluate(None, [two], [], DEFAULTS["fp32"]))["Recall@100 drop"].passed
+    check = by_name(evaluate(None, [many], [], DEFAULTS["fp32"]))["Recall@100 drop"]
+    assert check.maximum == DEFAULTS["fp32"].recall_drop_max and not check.passed
