@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from jev4.atomic import atomic_output_dir, check_output_path
 from jev4.errors import AdapterError, CheckpointError
 from jev4.export.manifest import Manifest, write_manifest
+from jev4.quant.output_codec import OutputCodec
 from jev4.export.qwen2_text import PROJECTOR_FILE, qwen2_config, sentence_transformers_files
 from jev4.model.adapters import TaskLora, adapter_dir_of, load_adapters
 from jev4.model.checkpoint import (
@@ -131,7 +132,7 @@ def merge_into_network(network: torch.nn.Module, loras: dict[str, TaskLora]) -> 
     return len(loras)
 
 
-def merge_checkpoint(settings: MergeSettings, progress: bool = True) -> Path:
+def merge_checkpoint(settings: MergeSettings, progress: bool = True, output_codec: OutputCodec | None = None) -> Path:
     """Write a merged checkpoint to ``settings.out`` (atomically) and return its path."""
     plan = plan_merge(settings)
     out_dtype = parse_dtype(settings.dtype) if settings.dtype else plan.source_dtype
@@ -163,12 +164,15 @@ def merge_checkpoint(settings: MergeSettings, progress: bool = True) -> Path:
         if merged_count != len(plan.loras):
             raise CheckpointError(f"merged {merged_count} of {len(plan.loras)} adapted modules; the checkpoint changed while reading?")
         _write_side_files(tmp, plan, settings, out_dtype, projector)
+        if output_codec is not None:
+            output_codec.write(tmp)
         write_manifest(
             tmp,
             Manifest(
                 kind="merged-text-only" if settings.text_only else "merged",
                 source=str(plan.model_dir),
                 settings={**asdict(settings), "source_dtype": dtype_name(plan.source_dtype), "out_dtype": dtype_name(out_dtype)},
+                contents={"output_codec": output_codec.describe()} if output_codec is not None else {},
             ),
         )
     log.info("merged %d modules of task %r into %s", merged_count, settings.adapter, out)

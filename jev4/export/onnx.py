@@ -36,6 +36,7 @@ from jev4.atomic import atomic_output_dir
 from jev4.errors import Jev4Error, MissingDependencyError
 from jev4.export.graphs import GraphSpec, language_graph_spec
 from jev4.export.manifest import Manifest, write_manifest
+from jev4.quant.output_codec import OutputCodec
 from jev4.export.merge import TOKENIZER_FILES, VISION_FILES, MergeSettings, merge_into_network, plan_merge
 from jev4.model.config import MERGED_TASK_KEY, JinaV4Config
 from jev4.model.network import JinaEmbeddingsV4, build_network, dtype_name, load_base_weights, parse_dtype
@@ -173,7 +174,7 @@ def _copy_side_files(model_dir: Path, tmp: Path, config: JinaV4Config, settings:
     (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
 
 
-def export_onnx(settings: OnnxExportSettings, progress: bool = True) -> Path:
+def export_onnx(settings: OnnxExportSettings, progress: bool = True, output_codec: OutputCodec | None = None) -> Path:
     """Merge ``settings.adapter`` and export the graphs to ``settings.out`` (atomically)."""
     require_onnx()
     plan = plan_merge(
@@ -197,6 +198,9 @@ def export_onnx(settings: OnnxExportSettings, progress: bool = True) -> Path:
             graphs["vision"] = vision_graph_spec(plan.config).to_json()
         _copy_side_files(plan.model_dir, tmp, plan.config, settings)
         validation = validate_export(network, plan.config, tmp, graphs) if settings.validate else {}
+        extra = {"output_codec": output_codec.describe()} if output_codec is not None else {}
+        if output_codec is not None:
+            output_codec.write(tmp)
         write_manifest(
             tmp,
             Manifest(
@@ -210,6 +214,7 @@ def export_onnx(settings: OnnxExportSettings, progress: bool = True) -> Path:
                     "graphs": graphs,
                     "export_seconds": round(time.perf_counter() - started, 1),
                     "validation": validation,
+                    **extra,
                 },
             ),
         )

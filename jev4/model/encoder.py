@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any, Protocol
 from pathlib import Path
 
 import torch
@@ -31,6 +32,12 @@ log = logging.getLogger(__name__)
 TaskArg = str | Sequence[str]
 
 
+class OutputCodecLike(Protocol):
+    """What an encoder needs of an output codec (jev4.quant.output_codec.OutputCodec); the model layer imports no quant code."""
+
+    def codec(self, output: str, truncate_dim: int | None = None, precision: str | None = None) -> Any: ...
+
+
 class Encoder(ABC):
     """Upstream's encode semantics over any backend."""
 
@@ -38,6 +45,22 @@ class Encoder(ABC):
         self.config = config
         self.preprocessor = preprocessor
         self.tasks = tuple(tasks)
+        # Set by jev4.runtime.load from the artifact's output-codec.json (jev4.quant.output_codec.OutputCodec):
+        # the object that turns float outputs into codes when encode_* is asked for an output_precision.
+        self.output_codec: OutputCodecLike | None = None
+
+    def _quantize_output(self, vectors, precision: str | None, truncate_dim: int | None, multivector: bool):
+        """Floats unchanged (``precision`` None or float32), else the artifact's codes: an array, or a list for multi-vectors."""
+        if precision in (None, "float32"):
+            return vectors
+        if self.output_codec is None:
+            raise EncodeError(
+                f"output_precision={precision!r} needs the artifact's output codec; load the encoder with jev4.runtime.load"
+            )
+        if multivector:
+            return self.output_codec.codec("multi", None, precision).encode_multi([v.numpy() for v in vectors])
+        dim = truncate_dim if truncate_dim is not None else self.config.truncate_dim
+        return self.output_codec.codec("single", dim, precision).encode(vectors.numpy())
 
     @abstractmethod
     def _forward(self, inputs: ModelInputs, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,11 +120,14 @@ class Encoder(ABC):
         max_length: int = DEFAULT_MAX_LENGTH,
         batch_size: int = 8,
         progress: bool = False,
+        output_precision: str | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Embed texts: [N, dim] single vectors, or a list of [tokens, P] multi-vectors.
 
         ``task`` is one name or one per text. Texts are sorted by length into
-        batches (less padding) and returned in input order.
+        batches (less padding) and returned in input order. ``output_precision``
+        (int8, binary, ...) returns numpy codes from the artifact's output codec
+        instead of floats.
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not all(isinstance(t, str) for t in texts):
@@ -110,7 +136,7 @@ class Encoder(ABC):
         prompted = [text_prefix(t, prompt_name) + text for t, text in zip(labels, texts)]
         lengths = self.preprocessor.token_lengths(prompted, max_length) if prompted else []
         order = sorted(range(len(prompted)), key=lambda i: -lengths[i])
-        return self._run(
+        vectors = self._run(
             order,
             lambda batch: self.preprocessor.text_inputs([prompted[i] for i in batch], max_length),
             labels,
@@ -120,6 +146,7 @@ class Encoder(ABC):
             progress,
             "encoding texts",
         )
+        return self._quantize_output(vectors, output_precision, truncate_dim, return_multivector)
 
     def encode_image(
         self,
@@ -130,13 +157,14 @@ class Encoder(ABC):
         max_pixels: int | None = None,
         batch_size: int = 8,
         progress: bool = False,
+        output_precision: str | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Embed images (PIL images or paths) with the fixed image prompt; pooled over the vision span."""
         items = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
         loaded = [load_image(item) for item in items]
         labels = self._task_labels(task, len(loaded))
         order = sorted(range(len(loaded)), key=lambda i: -(loaded[i].width * loaded[i].height))
-        return self._run(
+        vectors = self._run(
             order,
             lambda batch: self.preprocessor.image_inputs([loaded[i] for i in batch], max_pixels),
             labels,
@@ -146,6 +174,7 @@ class Encoder(ABC):
             progress,
             "encoding images",
         )
+        return self._quantize_output(vectors, output_precision, truncate_dim, return_multivector)
 
 
 class TorchEncoder(Encoder):

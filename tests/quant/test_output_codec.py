@@ -1,0 +1,93 @@
+"""The artifact's output codec: calibrated at export, stored with checksums, used by the runtime at query time."""
+
+import json
+
+import numpy as np
+import pytest
+
+import jev4.runtime as rt
+from jev4.cli.export import main as export_main
+from jev4.errors import EmbeddingQuantError, EncodeError
+from jev4.export.manifest import read_manifest, verify_manifest
+from jev4.quant.embeddings import EmbeddingCodec
+from jev4.quant.output_codec import OUTPUT_CODEC_NAME, OutputCodec, OutputCodecSettings, calibrate_output_codec
+
+TEXTS = ["def add(a, b): return a + b", "sort a list in place", "Wer hat die Relativitätstheorie entwickelt?"]
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(tmp_path_factory, tiny_dir):
+    out = tmp_path_factory.mktemp("codec") / "merged-int8"
+    argv = ["--model", str(tiny_dir), "--adapter", "retrieval", "--out", str(out), "--dtype", "fp32", "--no-progress"]
+    assert export_main(argv + ["--output-precision", "int8", "--output-calib-size", "64"]) == 0
+    return out
+
+
+def test_export_records_codec_in_manifest(int8_artifact):
+    manifest = verify_manifest(int8_artifact)
+    assert OUTPUT_CODEC_NAME in manifest["files"]
+    described = read_manifest(int8_artifact)["contents"]["output_codec"]
+    assert described["precision"] == "int8" and described["settings"]["documents"] == 64
+    codec = OutputCodec.read(int8_artifact)
+    assert codec.single.dim == 64 and codec.multi.dim == 32  # tiny: hidden 64, projector 32
+    assert np.all(codec.single.upper > codec.single.lower)
+
+
+def test_runtime_returns_codes_on_the_stored_grid(int8_artifact):
+    encoder = rt.load(int8_artifact)
+    floats = encoder.encode_text(TEXTS, prompt_name="passage").numpy()
+    codes = encoder.encode_text(TEXTS, prompt_name="passage", output_precision="int8")
+    stored = OutputCodec.read(int8_artifact)
+    assert codes.dtype == np.int8 and codes.shape == (3, 64)
+    np.testing.assert_array_equal(codes, EmbeddingCodec("int8", stored.single).encode(floats))
+    # The same floats on a grid calibrated elsewhere give other codes: the stored grid is what is used.
+    other = calibrate_output_codec(np.random.default_rng(0).normal(size=(50, 64)).astype(np.float32), None, OutputCodecSettings("int8"))
+    assert not np.array_equal(codes, EmbeddingCodec("int8", other.single).encode(floats))
+
+
+def test_runtime_codes_with_matryoshka_and_multivector(int8_artifact):
+    encoder = rt.load(int8_artifact)
+    small = encoder.encode_text(TEXTS, truncate_dim=16, output_precision="int8")
+    assert small.shape == (3, 16)
+    floats16 = encoder.encode_text(TEXTS, truncate_dim=16).numpy()
+    stored = OutputCodec.read(int8_artifact)
+    np.testing.assert_array_equal(small, EmbeddingCodec("int8", stored.single, truncate_dim=16).encode(floats16))
+    multi = encoder.encode_text(TEXTS, return_multivector=True, output_precision="int4")  # int4 shares int8's range
+    floats_multi = encoder.encode_text(TEXTS, return_multivector=True)
+    assert [m.shape for m in multi] == [(f.shape[0], 16) for f in floats_multi]
+    bits = encoder.encode_text(TEXTS, output_precision="ubinary")
+    np.testing.assert_array_equal(bits, np.packbits(encoder.encode_text(TEXTS).numpy() > 0, axis=-1))
+
+
+def test_precision_without_its_calibration_is_refused(int8_artifact, tiny_dir):
+    encoder = rt.load(int8_artifact)
+    with pytest.raises(EmbeddingQuantError, match="ternary.*int8.*--output-precision ternary"):
+        encoder.encode_text(TEXTS, output_precision="ternary")
+    plain = rt.load(tiny_dir)  # no codec: binary needs no calibration, int8 does
+    assert plain.encode_text(TEXTS, output_precision="binary").dtype == np.int8
+    with pytest.raises(EmbeddingQuantError, match="needs a calibration"):
+        plain.encode_text(TEXTS, output_precision="int8")
+
+
+def test_encoder_without_codec_says_how_to_get_one(encoder):
+    with pytest.raises(EncodeError, match="jev4.runtime.load"):
+        encoder.encode_text(TEXTS, output_precision="binary")
+
+
+def test_codec_file_round_trips_and_rejects_garbage(int8_artifact, tmp_path):
+    codec = OutputCodec.read(int8_artifact)
+    codec.write(tmp_path)
+    again = OutputCodec.read(tmp_path)
+    assert again.single == codec.single and again.multi == codec.multi and again.settings == codec.settings
+    (tmp_path / OUTPUT_CODEC_NAME).write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(EmbeddingQuantError, match="not a jev4 output codec"):
+        OutputCodec.read(tmp_path)
+
+
+def test_settings_are_checked():
+    with pytest.raises(EmbeddingQuantError, match="unknown|precision"):
+        OutputCodecSettings("int3")
+    with pytest.raises(EmbeddingQuantError, match="float32"):
+        OutputCodecSettings("float32")
+    with pytest.raises(EmbeddingQuantError, match="calib-size"):
+        OutputCodecSettings("int8", calib_size=1)
