@@ -69,6 +69,44 @@ def _bench_ort(args: argparse.Namespace) -> int:
     return run_ort_bench(args)
 
 
+def _bench_fast_path(args: argparse.Namespace) -> int:
+    from jev4.bench.gpu_fast_path import run_fast_path_bench
+
+    return run_fast_path_bench(args)
+
+
+def _bench_search(args: argparse.Namespace) -> int:
+    from jev4.bench.search import run_search_bench
+
+    return run_search_bench(args)
+
+
+def _build_engine(args: argparse.Namespace) -> int:
+    from jev4.export.tensorrt import EngineSettings, build_engines
+
+    settings = EngineSettings(
+        precision=args.precision,
+        batch=args.batch,
+        seq=args.seq,
+        image_tokens=args.image_tokens,
+        workspace_gib=args.workspace_gib,
+        strongly_typed=args.strongly_typed,
+        timing_cache=args.timing_cache,
+        optimization_level=args.optimization_level,
+    )
+    print(build_engines(args.artifact, settings, out=args.out, force=args.force))
+    return 0
+
+
+def _codec_list(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    from jev4.validate.codecs import DEFAULT_CODECS, check_codec
+
+    names = DEFAULT_CODECS if text.strip() == "all" else tuple(name.strip() for name in text.split(",") if name.strip())
+    return tuple(check_codec(name) for name in names)
+
+
 def _validate(args: argparse.Namespace) -> int:
     from jev4.validate.runner import ValidateSettings, validate
 
@@ -89,6 +127,7 @@ def _validate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             multivector=not args.no_multivector,
             probes=not args.no_probes,
+            codecs=_codec_list(args.codecs),
             force=args.force,
         )
     )
@@ -144,9 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--batch-size", type=int, default=8)
     val.add_argument("--no-multivector", action="store_true", help="skip MaxSim scoring")
     val.add_argument("--no-probes", action="store_true", help="skip the probe-set parity")
+    val.add_argument(
+        "--codecs",
+        help="output codecs to measure, comma-separated (float16,int8,int4,ternary,binary,binary+rescore,binary+int8 or 'all'); "
+        "default: the artifact's own (--output-precision), judged by its emb-* thresholds",
+    )
     val.add_argument("--out", required=True, help="report directory")
     val.add_argument("--force", action="store_true")
     val.set_defaults(handler=_validate)
+
+    eng = sub.add_parser("build-engine", help="TensorRT engines for an ONNX artifact (run on the GPU host that serves it)")
+    eng.add_argument("artifact", help="ONNX artifact dir (jev4-export --format onnx, --fp8, --int8)")
+    eng.add_argument("--precision", default="auto", help="auto (the graph's own types; fp8/int8 when it has Q/DQ nodes), fp32, fp16, bf16, fp8, int8")
+    eng.add_argument("--batch", default="1,8,32", help="min,opt,max batch size of the optimization profile")
+    eng.add_argument("--seq", default="1,512,8192", help="min,opt,max sequence length (tokens)")
+    eng.add_argument("--image-tokens", default="1,768,4096", help="min,opt,max merged image tokens per vision-engine call")
+    eng.add_argument("--workspace-gib", type=float, help="TensorRT workspace limit (default: TensorRT's, the whole GPU)")
+    eng.add_argument("--strongly-typed", action=argparse.BooleanOptionalAction, default=None, help="force (or forbid) a strongly typed build (default: decided per graph)")
+    eng.add_argument("--timing-cache", help="timing cache file, read if present and updated after the build")
+    eng.add_argument("--optimization-level", type=int, default=3, help="builder optimization level 0..5")
+    eng.add_argument("--out", help="write a new artifact here (default: update ARTIFACT in place, which needs --force)")
+    eng.add_argument("--force", action="store_true")
+    eng.set_defaults(handler=_build_engine)
 
     demo = sub.add_parser("demo", help="tiny checkpoint -> merge -> parity table")
     demo.add_argument("--workdir", default="demo-out")
@@ -181,6 +239,37 @@ def build_parser() -> argparse.ArgumentParser:
     ort_bench.add_argument("--workdir", help="where the exported graph goes (default: a temp dir)")
     ort_bench.add_argument("--results")
     ort_bench.set_defaults(handler=_bench_ort)
+    fast = bench_sub.add_parser("fast-path", help="torch FP8 vs torch bf16 vs fp16 ORT CUDA EP at full size, plus an end-to-end corpus encode vs upstream-style (GPU)")
+    fast.add_argument("--device", default="cuda", help="cuda, or cpu together with --tiny (a smoke run)")
+    fast.add_argument("--tiny", action="store_true", help="toy model sizes (exercises the code; the figures mean nothing)")
+    fast.add_argument("--modes", default="torch-bf16,ort-fp16,torch-fp8", help="comma-separated: torch-bf16, ort-fp16, torch-fp8, torch-bf16-compile, torch-fp8-compile")
+    fast.add_argument("--batches", default="1,8,32,128")
+    fast.add_argument("--seqs", default="128,512,2048")
+    fast.add_argument("--warmup", type=int, default=3)
+    fast.add_argument("--iters", type=int, default=10)
+    fast.add_argument("--corpus-docs", type=int, default=1000, help="documents of the end-to-end comparison (0: skip it)")
+    fast.add_argument("--corpus-max-length", type=int, default=2048)
+    fast.add_argument("--corpus-batch", type=int, default=32, help="batch size of the FP8 path's length-sorted encode (upstream-style uses 8)")
+    fast.add_argument("--task", default="retrieval")
+    fast.add_argument("--workdir", help="where the exported ONNX graph goes (default: a temp dir)")
+    fast.add_argument("--out", default="gpu-results/fast-path", help="directory for fast-path.json/.md/.png")
+    fast.add_argument("--force", action="store_true", help="replace --out if it exists")
+    fast.set_defaults(handler=_bench_fast_path)
+    search_bench = bench_sub.add_parser("search", help="exact CPU search over 1M random codes: binary, int8, float32, binary+rescoring")
+    search_bench.add_argument("--docs", type=int, default=1_000_000)
+    search_bench.add_argument("--dim", type=int, default=2048)
+    search_bench.add_argument("--queries", type=int, default=100, help="queries of the batch measurement")
+    search_bench.add_argument("--latency-queries", type=int, default=10, help="queries timed one per call (p50, mean)")
+    search_bench.add_argument("--k", type=int, default=10)
+    search_bench.add_argument("--rescore-multiplier", type=int, default=4)
+    search_bench.add_argument("--seed", type=int, default=0)
+    search_bench.add_argument("--no-faiss", action="store_true", help="numpy only, even when faiss is installed")
+    search_bench.add_argument("--fp32-docs", type=int, help="measure float32 on this many docs and scale (default: all, if they fit)")
+    search_bench.add_argument("--fp32-fallback-docs", type=int, default=250_000, help="float32 docs when the full corpus does not fit")
+    search_bench.add_argument("--max-rss-gib", type=float, default=12.0, help="memory cap used to decide whether the float32 corpus fits")
+    search_bench.add_argument("--results", help="also write the figures to this JSON file")
+    search_bench.add_argument("--plot", help="also draw them to this PNG")
+    search_bench.set_defaults(handler=_bench_search)
     return parser
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from jev4.validate.results import MetricCheck, ParityResult, RetrievalResult, ValidationReport
+from jev4.validate.results import CodecResult, MetricCheck, ParityResult, RetrievalResult, ValidationReport
 from jev4.validate.thresholds import METRIC_LABELS, retrieval_label
 
 log = logging.getLogger(__name__)
@@ -302,6 +302,10 @@ def render_markdown(report: ValidationReport) -> str:
             rows.append(row)
         lines += [f"### {dataset}", ""] + _md_table(header, rows)
 
+    if report.codecs:
+        lines += ["## Output codecs", "", CODEC_NOTE, ""]
+        lines += _md_table(CODEC_HEADER, _codec_rows(report.codecs))
+
     lines += ["## STS", ""]
     if not report.sts:
         lines += ["No STS datasets.", ""]
@@ -472,6 +476,65 @@ def plot_dataset_bars(results: list[RetrievalResult], metrics: tuple[str, ...] =
     return fig
 
 
+CODEC_NOTE = (
+    "The artifact's embeddings through each output codec, searched as a serving system would "
+    "(float query vs quantized documents; binary: Hamming; +rescore: binary candidates re-ranked). "
+    "Retention = metric / the same embeddings in float32 at the same dim."
+)
+CODEC_HEADER = ["dataset", "codec", "scoring", "dim", "nDCG@10", "retention", "Recall@100", "retention", "bytes/doc", "ms/query"]
+
+
+def _codec_rows(results: list[CodecResult]) -> list[list[Any]]:
+    rows = []
+    for r in results:
+        keep = r.retention
+        rows.append(
+            [
+                r.dataset,
+                r.codec,
+                r.scoring,
+                r.dim,
+                _fmt(r.metrics.get("ndcg@10")),
+                _percent(keep.get("ndcg@10")),
+                _fmt(r.metrics.get("recall@100")),
+                _percent(keep.get("recall@100")),
+                r.bytes_per_doc,
+                _fmt(r.search_ms_per_query, 3),
+            ]
+        )
+    return rows
+
+
+def _percent(x: Any) -> str:
+    return f"{100 * float(x):.1f}%" if _is_num(x) else "-"
+
+
+def plot_codec_retention(results: list[CodecResult], metric: str = "ndcg@10"):
+    """Retention per codec (one line each) across Matryoshka dims, single vectors, first dataset."""
+    single = [r for r in results if r.scoring == "single"]
+    if not single:
+        return None
+    dataset = single[0].dataset
+    single = [r for r in single if r.dataset == dataset]
+    codecs = list(dict.fromkeys(r.codec for r in single))
+    dims = sorted({r.dim for r in single})
+    fig = _figure(7.5, 3.6)
+    ax = fig.subplots()
+    palette = ["#0969da", "#bf8700", "#1a7f37", "#8250df", "#cf222e", "#57606a", "#e16f24", "#1b7c83"]
+    for i, codec in enumerate(codecs):
+        rows = sorted((r for r in single if r.codec == codec), key=lambda r: r.dim)
+        ax.plot([r.dim for r in rows], [100 * r.retention.get(metric, math.nan) for r in rows], marker="o", color=palette[i % len(palette)], label=f"{codec} ({rows[-1].bytes_per_doc} B)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(dims, [str(d) for d in dims])
+    ax.minorticks_off()
+    ax.set_xlabel("Matryoshka dim")
+    ax.set_ylabel(f"{_label(metric)} retention (%)")
+    ax.set_title(f"{dataset}: {_label(metric)} retention by codec and dim", fontsize=10)
+    ax.legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _style(ax)
+    return fig
+
+
 def _plots(report: ValidationReport) -> tuple[list[tuple[str, str, str]], str | None]:
     """(title, caption, data URI) for each plot that has data; and a note if plotting was not possible."""
     try:
@@ -492,6 +555,12 @@ def _plots(report: ValidationReport) -> tuple[list[tuple[str, str, str]], str | 
             lambda: plot_matryoshka(report.retrieval),
         ),
         ("retrieval", "nDCG@10 and Recall@100 per dataset at full size, reference vs artifact.", lambda: plot_dataset_bars(report.retrieval)),
+        (
+            "codecs",
+            "nDCG@10 retention (quantized / float32 of the same embeddings) per output codec and Matryoshka dim, single vectors; "
+            "the label on each line is the storage per document at full size.",
+            lambda: plot_codec_retention(report.codecs),
+        ),
     ]
     for section, caption, make in specs:
         try:
@@ -668,6 +737,16 @@ def render_html(report: ValidationReport) -> str:
             rows.append("<tr>" + "".join(cells) + "</tr>")
         parts.append(f"<h3>{_e(dataset)}</h3><table><thead>{top}{sub}</thead><tbody>{''.join(rows)}</tbody></table>")
     parts += [_figure_html(uri, caption) for section, caption, uri in plots if section == "retrieval"]
+
+    if report.codecs:
+        parts.append("<h2>Output codecs</h2>")
+        parts.append(f'<p class="note">{_e(CODEC_NOTE)}</p>')
+        rows = []
+        for row, result in zip(_codec_rows(report.codecs), report.codecs):
+            failed = any(not c.passed for c in report.checks if c.name.startswith(f"codec {result.codec} {result.dataset} {result.scoring} dim {result.dim}:"))
+            rows.append("<tr>" + "".join(_td(cell, ("num bad" if failed and i >= 4 else "num") if i >= 3 else "") for i, cell in enumerate(row)) + "</tr>")
+        parts.append(_html_table([(h, "num" if i >= 3 else "") for i, h in enumerate(CODEC_HEADER)], rows))
+        parts += [_figure_html(uri, caption) for section, caption, uri in plots if section == "codecs"]
 
     # STS
     parts.append("<h2>STS</h2>")

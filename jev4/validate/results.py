@@ -74,6 +74,27 @@ class RetrievalResult:
 
 
 @dataclass
+class CodecResult:
+    """One dataset x codec x scoring x dim: metrics, the float32 metrics they are compared with, and the costs."""
+
+    dataset: str
+    codec: str
+    scoring: str  # "single" or "multi"
+    dim: int
+    metrics: dict[str, float]
+    float_metrics: dict[str, float]
+    bytes_per_doc: int
+    search_ms_per_query: float
+    queries: int = 0
+    notes: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def retention(self) -> dict[str, float]:
+        """metric / float32 metric (1.0 = nothing lost; NaN where float32 scored 0)."""
+        return {k: (v / self.float_metrics[k] if self.float_metrics.get(k) else float("nan")) for k, v in self.metrics.items()}
+
+
+@dataclass
 class STSResult:
     dataset: str
     reference_spearman: float
@@ -91,6 +112,7 @@ class ValidationReport:
     retrieval: list[RetrievalResult]
     sts: list[STSResult]
     checks: list[MetricCheck]
+    codecs: list[CodecResult] = field(default_factory=list)  # the artifact's embeddings through each output codec
 
     @property
     def passed(self) -> bool:
@@ -106,4 +128,6 @@ class ValidationReport:
         data["failures"] = [c.describe() for c in self.failures]
         for item, obj in zip(data["retrieval"], self.retrieval):
             item["delta"] = obj.delta
+        for item, obj in zip(data["codecs"], self.codecs):
+            item["retention"] = obj.retention
         return data

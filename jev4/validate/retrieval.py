@@ -9,6 +9,7 @@ encoding pass serves every dim. Multi-vector scoring uses MaxSim.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from jev4.model.encoder import Encoder
+from jev4.quant.embeddings import Calibration
+from jev4.validate.codecs import CodecResult, multi_vector_codecs, single_vector_codecs
 from jev4.validate.datasets import RetrievalDataset, STSDataset
 from jev4.validate.metrics import maxsim_scores, retrieval_metrics, spearman
 from jev4.validate.results import RetrievalResult, STSResult
@@ -75,17 +78,47 @@ def run_retrieval(
     max_length: int = 512,
     progress: bool = True,
 ) -> list[RetrievalResult]:
-    dims: list[int | None] = [None, *sorted(reference.config.matryoshka_dims, reverse=True)]
+    """Reference and artifact metrics per scoring x dim."""
+    return run_retrieval_and_codecs(reference, artifact, data, task, multivector, batch_size, max_length, progress)[0]
+
+
+def run_retrieval_and_codecs(
+    reference: Encoder,
+    artifact: Encoder,
+    data: RetrievalDataset,
+    task: str,
+    multivector: bool = True,
+    batch_size: int = 8,
+    max_length: int = 512,
+    progress: bool = True,
+    codecs: Sequence[str] = (),
+    codec_calibrations: dict[str, Calibration | None] | None = None,
+) -> tuple[list[RetrievalResult], list[CodecResult]]:
+    """``run_retrieval``, plus the artifact's embeddings through each of ``codecs`` (one encoding pass serves both).
+
+    ``codec_calibrations`` ("single"/"multi") are the artifact's stored
+    calibrations; without them the codecs calibrate on the documents.
+    """
+    matryoshka = sorted(reference.config.matryoshka_dims, reverse=True)
+    dims: list[int | None] = [None, *matryoshka]
     log.info("%s: %d queries, %d %s documents", data.name, len(data.queries), len(data.documents), data.doc_kind)
     ref = score_dataset(encode_dataset(reference, data, task, multivector, batch_size, max_length, progress), data, dims)
-    art = score_dataset(encode_dataset(artifact, data, task, multivector, batch_size, max_length, progress), data, dims)
+    encoded = encode_dataset(artifact, data, task, multivector, batch_size, max_length, progress)
+    art = score_dataset(encoded, data, dims)
     full = reference.config.hidden_size
-    return [
+    results = [
         RetrievalResult(
             dataset=data.name, scoring=scoring, dim=dim or full, reference=ref[(scoring, dim)], artifact=art[(scoring, dim)], queries=len(data.queries)
         )
         for scoring, dim in ref
     ]
+    codec_results: list[CodecResult] = []
+    if codecs:
+        calibrations = codec_calibrations or {}
+        codec_results += single_vector_codecs(data.name, encoded.queries, encoded.documents, data.qrels, codecs, [full, *matryoshka], calibrations.get("single"))
+        if encoded.query_multi is not None:
+            codec_results += multi_vector_codecs(data.name, encoded.query_multi, encoded.document_multi, data.qrels, codecs, calibrations.get("multi"))
+    return results, codec_results
 
 
 def run_sts(reference: Encoder, artifact: Encoder, data: STSDataset, task: str = "text-matching", batch_size: int = 8) -> STSResult:

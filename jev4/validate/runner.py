@@ -24,8 +24,9 @@ from jev4.validate.parity import run_parity
 from jev4.validate.probes import default_probes
 from jev4.validate.report import write_reports
 from jev4.validate.results import ValidationReport
-from jev4.validate.retrieval import run_retrieval, run_sts
-from jev4.validate.thresholds import evaluate, load_thresholds
+from jev4.quant.output_codec import OutputCodec
+from jev4.validate.retrieval import run_retrieval_and_codecs, run_sts
+from jev4.validate.thresholds import codec_checks, codec_thresholds, evaluate, load_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class ValidateSettings:
     batch_size: int = 8
     multivector: bool = True
     probes: bool = True
+    codecs: tuple[str, ...] | None = None  # output codecs to measure; None: the artifact's own, if it has one
     force: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -84,26 +86,43 @@ def validate(settings: ValidateSettings) -> ValidationReport:
     sts_sets = [load_sts_tsv(Path(p)) for p in settings.sts]
     if not (settings.probes or datasets or sts_sets):
         raise ConfigError("nothing to validate: probes are off and no --dataset or --sts was given")
+    output_codec = OutputCodec.read(Path(settings.artifact))
+    codecs = settings.codecs if settings.codecs is not None else ((output_codec.precision,) if output_codec else ())
+    calibrations = {"single": output_codec.single, "multi": output_codec.multi} if output_codec else None
+    # The artifact's own codec is judged (by its emb-* thresholds); other codecs are measured and reported.
+    judged = {c: codec_thresholds(c, settings.thresholds) for c in codecs if output_codec and c.split("+", 1)[0] == output_codec.precision}
     with atomic_output_dir(settings.out, force=settings.force) as tmp:
         reference = rt.load(settings.reference, backend="torch", dtype="fp32")
         artifact = rt.load(settings.artifact, provider=settings.provider)
         parity = None
         if settings.probes:
             parity = run_parity(reference, artifact, default_probes(settings.max_length), settings.adapter, settings.batch_size, settings.progress)
-        retrieval = []
+        retrieval, codec_results = [], []
         for data in datasets:
-            retrieval += run_retrieval(
-                reference, artifact, data, settings.adapter, settings.multivector, settings.batch_size, settings.max_length, settings.progress
+            found, coded = run_retrieval_and_codecs(
+                reference,
+                artifact,
+                data,
+                settings.adapter,
+                settings.multivector,
+                settings.batch_size,
+                settings.max_length,
+                settings.progress,
+                codecs,
+                calibrations,
             )
+            retrieval += found
+            codec_results += coded
         sts = [run_sts(reference, artifact, data, settings.adapter, settings.batch_size) for data in sts_sets]
         report = ValidationReport(
-            settings={**asdict(settings), "thresholds": thresholds.to_json(), "datasets_checksums": {d.name: d.checksum() for d in datasets}},
+            settings={**asdict(settings), "thresholds": thresholds.to_json(), "codec_thresholds": {c: t.to_json() for c, t in judged.items()}, "datasets_checksums": {d.name: d.checksum() for d in datasets}},
             environment=environment(),
             precision=precision,
             parity=parity,
             retrieval=retrieval,
             sts=sts,
-            checks=evaluate(parity, retrieval, sts, thresholds),
+            checks=evaluate(parity, retrieval, sts, thresholds) + codec_checks(codec_results, judged),
+            codecs=codec_results,
         )
         write_reports(report, tmp)
     return report

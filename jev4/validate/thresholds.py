@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from jev4.errors import Jev4Error
-from jev4.validate.results import MetricCheck, ParityResult, RetrievalResult, STSResult
+from jev4.validate.results import CodecResult, MetricCheck, ParityResult, RetrievalResult, STSResult
 
 
 class ThresholdError(Jev4Error, ValueError):
@@ -176,6 +176,20 @@ _DEFAULTS = {
         recall_drop_max=0.04,
         sts_drop_max=0.04,
     ),
+    # emb-ternary: three levels per dimension (1.6 bits). Measured on
+    # all-MiniLM-L6-v2 / stdlib-code (docs/embedding-quantization.md): ~97-98%
+    # nDCG@10 retention at full size, ~91% at 128 dims; allow 0.05.
+    "emb-ternary": Thresholds(
+        single_cosine_min=0.85,
+        single_cosine_mean=0.88,
+        multi_token_cosine_min=0.75,
+        maxsim_pearson_min=0.93,
+        topk_overlap_min=0.65,
+        score_spearman_min=0.93,
+        ndcg_drop_max=0.05,
+        recall_drop_max=0.04,
+        sts_drop_max=0.05,
+    ),
     # emb-binary: sign bits. The cosine of sign(x) with a Gaussian-like x is
     # sqrt(2/pi) ~ 0.80 whatever the model, so parity bounds sit below that (and
     # 128-dim tokens spread wider). Published retention without rescoring is
@@ -284,6 +298,41 @@ def resolution(queries: int) -> float:
     than this step; use more queries (``--max-queries``) to tighten it.
     """
     return 1.0 / queries + 1e-9 if queries > 0 else 0.0  # 1e-9: 0.90 - 0.89 is 0.010000000000000009
+
+
+# The threshold set that judges an output codec (jev4.quant.embeddings precision -> DEFAULTS key).
+CODEC_THRESHOLDS = {
+    "float16": "fp16",
+    "int8": "emb-int8",
+    "uint8": "emb-int8",
+    "int4": "emb-int4",
+    "ternary": "emb-ternary",
+    "binary": "emb-binary",
+    "ubinary": "emb-binary",
+}
+
+
+def codec_thresholds(codec: str, path: Path | str | None = None) -> Thresholds:
+    """Thresholds for an output codec (``binary+rescore`` is judged as ``binary``), with the same file overrides."""
+    base = codec.split("+", 1)[0]
+    if base not in CODEC_THRESHOLDS:
+        raise ThresholdError(f"no thresholds for output codec {codec!r}; known: {', '.join(CODEC_THRESHOLDS)}")
+    return load_thresholds(CODEC_THRESHOLDS[base], path)
+
+
+def codec_checks(results: list[CodecResult], judged: dict[str, Thresholds]) -> list[MetricCheck]:
+    """nDCG@10 and Recall@100 lost by each judged codec against the same embeddings in float32."""
+    checks = []
+    for result in results:
+        if result.codec not in judged:
+            continue
+        t = judged[result.codec]
+        floor = resolution(result.queries)
+        label = f"codec {result.codec} {result.dataset} {result.scoring} dim {result.dim}"
+        for key, bound in (("ndcg@10", t.ndcg_drop_max), ("recall@100", t.recall_drop_max)):
+            drop = _drop(result.float_metrics, result.metrics, key)
+            checks.append(MetricCheck(f"{label}: {METRIC_LABELS[key]} drop vs float32", drop, maximum=max(bound, floor)))
+    return checks
 
 
 def evaluate(

@@ -106,3 +106,21 @@ def test_cli_exit_codes(tmp_path, tiny_dir, merged, capsys):
     assert "failed: parity: single-vector min cosine" in capsys.readouterr().out
     assert jev4_main(["validate", *common, "--adapter", "code", "--artifact", str(tmp_path / "missing"), "--out", str(tmp_path / "bad")]) == 2
     assert jev4_main(["validate", *common, "--adapter", "code", "--artifact", str(merged["code"]), "--dataset", "no-such-set", "--out", str(tmp_path / "bad2")]) == 2
+
+
+def test_output_codec_is_measured_and_judged(tmp_path, tiny_dir):
+    """An artifact exported with --output-precision: its codec is judged by the emb-* thresholds; a codec that loses too much fails by name."""
+    from jev4.quant.output_codec import OutputCodecSettings, encode_calibration
+
+    reference = TorchEncoder.from_pretrained(tiny_dir)
+    codec = encode_calibration(reference, "retrieval", OutputCodecSettings("int8", calib_size=32), progress=False)
+    art = merge_checkpoint(MergeSettings(model=str(tiny_dir), adapter="retrieval", out=str(tmp_path / "art"), dtype="fp32"), progress=False, output_codec=codec)
+    settings = dict(reference=str(tiny_dir), adapter="retrieval", artifact=str(art), probes=False, **SMALL)
+    report = validate(ValidateSettings(out=str(tmp_path / "r"), codecs=("int8", "binary+rescore"), **settings))
+    assert {r.codec for r in report.codecs} == {"int8", "binary+rescore"}
+    judged = [c for c in report.checks if c.name.startswith("codec ")]
+    assert judged and all(c.name.startswith("codec int8 ") for c in judged)  # only the artifact's own codec is judged
+    assert all(c.maximum >= 0.02 for c in judged)  # emb-int8 bounds, not fp32's
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert {c["codec"] for c in data["codecs"]} == {"int8", "binary+rescore"} and "retention" in data["codecs"][0]
+    assert "Output codecs" in (tmp_path / "r" / "report.md").read_text()
