@@ -46,3 +46,15 @@ class MissingDependencyError(Jev4Error):
 
 class ProviderError(Jev4Error):
     """An onnxruntime execution provider (or a GPU) that was asked for is not available."""
+
+
+class EmbeddingQuantError(Jev4Error, ValueError):
+    """Bad input to an embedding codec: unknown precision, wrong dim, missing calibration, non-finite values."""
+
+
+class TensorRTError(Jev4Error):
+    """Building or running a TensorRT engine failed (parser errors, no engine, bad engine settings)."""
+
+
+class EngineMismatchError(TensorRTError):
+    """An engine was built with another TensorRT version or on another GPU than the one running it."""

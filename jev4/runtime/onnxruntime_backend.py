@@ -33,6 +33,16 @@ def _spec(data: dict) -> GraphSpec:
     )
 
 
+def language_feed(inputs: ModelInputs) -> dict[str, np.ndarray]:
+    """The token inputs of ``language.onnx`` for one padded batch (every graph backend feeds these)."""
+    return {
+        "input_ids": inputs.input_ids.numpy().astype(np.int64),
+        "attention_mask": inputs.attention_mask.numpy().astype(np.int64),
+        "position_ids": inputs.position_ids.numpy().astype(np.int64),
+        "pooling_mask": inputs.pooling_mask.numpy().astype(np.int64),
+    }
+
+
 class OnnxRuntimeEncoder(Encoder):
     """Runs ``language.onnx`` (and ``vision.onnx`` for images) with the chosen execution provider."""
 
@@ -72,12 +82,7 @@ class OnnxRuntimeEncoder(Encoder):
         return embeds.astype(self.float_dtype, copy=False)
 
     def _forward(self, inputs: ModelInputs, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        feed = {
-            "input_ids": inputs.input_ids.numpy().astype(np.int64),
-            "attention_mask": inputs.attention_mask.numpy().astype(np.int64),
-            "position_ids": inputs.position_ids.numpy().astype(np.int64),
-            "pooling_mask": inputs.pooling_mask.numpy().astype(np.int64),
-        }
+        feed = language_feed(inputs)
         if self.with_images:
             feed["image_embeds"] = self._image_embeds(inputs)
         elif inputs.pixel_values is not None:
