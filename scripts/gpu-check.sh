@@ -5,7 +5,8 @@
 #
 # The host's own Python is used. Packages it lacks (onnxruntime-gpu above all) are installed from
 # wheels in $WHEELS (default .whl/) into $JEV4_SITE, which goes first on PYTHONPATH; nothing is
-# downloaded. Benchmark JSON goes to $RESULTS (default gpu-results/).
+# downloaded. Put bitsandbytes' wheel (43 MB) there too for the bnb GPU tests (they skip without it).
+# Benchmark JSON goes to $RESULTS (default gpu-results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-tests}
@@ -36,4 +37,7 @@ if [[ $mode == bench || $mode == all ]]; then
   mkdir -p "$RESULTS"
   "$PY" -m jev4.cli.main bench encode --results "$RESULTS/encode.json"
   "$PY" -m jev4.cli.main bench ort --results "$RESULTS/ort.json"
+  # torch FP8 vs bf16 vs fp16 ORT + the end-to-end corpus comparison (needs onnxruntime-gpu for ort-fp16;
+  # to split it over several calls, pass e.g. FAST_PATH_ARGS="--modes torch-bf16,torch-fp8 --corpus-docs 0").
+  "$PY" -m jev4.cli.main bench fast-path --out "$RESULTS/fast-path" --force ${FAST_PATH_ARGS:-}
 fi

@@ -1,0 +1,506 @@
+"""``jev4 bench fast-path``: the torch FP8 fast path vs the bf16 reference vs fp16 onnxruntime, in one run.
+
+Two parts, both on a full-size random-weight model built in memory (speed
+and memory do not depend on weight values):
+
+1. **Grid**: for each mode and each batch x sequence point (no padding, random
+   token ids), tokens/s, docs/s, p50/p99 latency of forward + pooling on
+   device-resident inputs, peak GPU memory, and MFU against the GPU's
+   datasheet dense peak (bf16 peak for bf16/fp16 modes, FP8 peak for the FP8
+   mode: attention stays bf16, so the FP8 MFU is a lower bound). Modes:
+
+   - ``torch-bf16``: the reference network with the adapter merged, bf16, SDPA;
+   - ``ort-fp16``: the text-only language graph exported in fp16 exactly as
+     ``jev4-export --format onnx --text-only --dtype fp16``, on onnxruntime's
+     CUDA EP with IOBinding (CPU EP in ``--tiny`` smoke mode);
+   - ``torch-fp8``: ``jev4.runtime.torch_fp8``: row-wise FP8 GEMMs
+     (``torch._scaled_mm``) for the language model's Linear layers;
+   - ``torch-bf16-compile`` / ``torch-fp8-compile``: the same under
+     ``torch.compile(dynamic=True)`` (opt-in: compiling takes minutes).
+
+2. **End to end on a mixed-length corpus** (real encode calls, tokenisation
+   included): the FP8 path with length-sorted batches (``Encoder.encode_text``)
+   against an upstream-style encode: batches of 8 in input order (no length
+   sorting), the task LoRA applied unmerged in fp32 per layer, bf16. The
+   corpus is the built-in ``stdlib-code`` documents, shuffled. The
+   tokenizer is the tiny checkpoint's BPE (the real one cannot be shipped),
+   which splits text into somewhat more tokens than Qwen2's; both sides use it.
+
+``--device cpu --tiny`` runs everything on the toy model, so that the code
+is exercised without a GPU (the numbers mean nothing). Results go to
+``--out``: ``fast-path.json`` (all figures), ``fast-path.md`` (tables) and
+``fast-path.png`` (tokens/s by batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jev4.bench.encode import EncodePoint, _time, text_flops_per_token
+from jev4.bench.ort import _point
+from jev4.bench.process import machine_summary
+from jev4.errors import Jev4Error
+
+log = logging.getLogger(__name__)
+
+MODES = ("torch-bf16", "ort-fp16", "torch-fp8", "torch-bf16-compile", "torch-fp8-compile")
+DEFAULT_MODES = ("torch-bf16", "ort-fp16", "torch-fp8")
+# Datasheet dense peaks (TFLOP/s): (name substring, bf16, fp8). First match wins, so specific names come first.
+GPU_PEAKS: tuple[tuple[str, float, float | None], ...] = (
+    ("H100 PCIe", 756.0, 1513.0),
+    ("H100 NVL", 835.0, 1671.0),
+    ("H100", 989.0, 1979.0),  # SXM (e.g. "NVIDIA H100 80GB HBM3")
+    ("H200", 989.0, 1979.0),
+    ("H800", 989.0, 1979.0),
+    ("L40S", 362.0, 733.0),
+    ("L4", 121.0, 242.0),
+    ("A100", 312.0, None),  # no FP8 tensor cores
+)
+UPSTREAM_BATCH = 8
+
+
+class BenchSettingsError(Jev4Error, ValueError):
+    """Bad options of ``jev4 bench fast-path``."""
+
+
+@dataclass(frozen=True)
+class FastPathSettings:
+    """What one run measures; recorded in the JSON."""
+
+    device: str = "cuda"
+    tiny: bool = False
+    modes: tuple[str, ...] = DEFAULT_MODES
+    batches: tuple[int, ...] = (1, 8, 32, 128)
+    seqs: tuple[int, ...] = (128, 512, 2048)
+    warmup: int = 3
+    iters: int = 10
+    corpus_docs: int = 1000
+    corpus_max_length: int = 2048
+    corpus_batch: int = 32
+    task: str = "retrieval"
+    workdir: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown:
+            raise BenchSettingsError(f"unknown mode(s) {unknown}; choose from {MODES}")
+        if self.iters < 1 or self.warmup < 0 or not self.batches or not self.seqs:
+            raise BenchSettingsError("need iters >= 1, warmup >= 0 and at least one batch size and sequence length")
+        if torch.device(self.device).type == "cpu" and not self.tiny:
+            raise BenchSettingsError("the full-size model on CPU is not a benchmark (and needs > 8 GiB); use --tiny for a CPU smoke run")
+
+
+def peak_tflops(device_name: str) -> tuple[float | None, float | None]:
+    """(bf16, fp8) dense datasheet peaks for a GPU name, or (None, None) when unknown."""
+    for key, bf16, fp8 in GPU_PEAKS:
+        if key in device_name:
+            return bf16, fp8
+    return None, None
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- grid
+
+
+def _torch_network(spec, mode: str, dtype: str, device: torch.device):
+    """A merged random network for ``mode`` (FP8: quantized), optionally compiled."""
+    from jev4.model.synthetic import random_network
+    from jev4.runtime.torch_fp8 import quantize_model_fp8
+    from jev4.runtime.torch_quantized import compile_language_model
+
+    net = random_network(spec, dtype=dtype, device=str(device))
+    del net.model.visual  # text benchmark: keep the vision tower out of the memory figures
+    net.model.visual = None
+    if mode.startswith("torch-fp8"):
+        quantize_model_fp8(net)
+    if mode.endswith("-compile"):
+        compile_language_model(net)
+    return net
+
+
+def _forward_and_pool(net, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> None:
+    """One timed step: forward, then both poolings (as an encode does on device)."""
+    from jev4.model.pooling import multi_vector, single_vector
+
+    out = net(input_ids=ids, attention_mask=mask, position_ids=pos)
+    single_vector(out.hidden, mask)
+    multi_vector(out.projected, mask)
+
+
+def _torch_points(spec, mode: str, settings: FastPathSettings, dtype: str, device: torch.device, peaks: dict, failures: list) -> list[EncodePoint]:
+    from jev4.model.preprocess import text_position_ids
+
+    net = _torch_network(spec, mode, dtype, device)
+    kv_dim = spec.hidden_size // spec.heads * spec.kv_heads
+    peak = peaks["fp8"] if "fp8" in mode else peaks["bf16"]
+    points = []
+    for batch in settings.batches:
+        for seq in settings.seqs:
+            gen = torch.Generator().manual_seed(batch * 100_003 + seq)
+            ids = torch.randint(0, 600 if settings.tiny else 150_000, (batch, seq), generator=gen).to(device)
+            mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+            pos = text_position_ids(mask)
+
+            try:
+                times = _time(partial(_forward_and_pool, net, ids, mask, pos), device, settings.warmup, settings.iters, None, batch)
+            except torch.OutOfMemoryError as exc:
+                log.warning("%s b=%d s=%d: out of memory", mode, batch, seq)
+                failures.append({"mode": mode, "batch": batch, "seq": seq, "error": f"out of memory: {str(exc).splitlines()[0]}"})
+                _free(device)
+                continue
+            mem = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else 0.0
+            flops = text_flops_per_token(spec.hidden_size, spec.layers, spec.intermediate_size, kv_dim, seq, spec.multi_vector_dim)
+            points.append(_point(mode, batch, seq, times, mem, flops, peak))
+            log.info("%s b=%d s=%d: %.0f tokens/s, p50 %.1f ms", mode, batch, seq, points[-1].tokens_per_s, points[-1].p50_ms)
+    net = None  # free the weights before the next mode builds its own
+    _free(device)
+    return points
+
+
+def _ort_points(spec, config, settings: FastPathSettings, device: torch.device, peaks: dict, failures: list, timings: dict) -> list[EncodePoint]:
+    """Export the fp16 text-only graph, then time it on onnxruntime (CUDA EP, or CPU EP for --tiny on CPU)."""
+    import onnxruntime as ort
+
+    from jev4.export.onnx import export_language_graph
+    from jev4.model.synthetic import random_network
+    from jev4.runtime.providers import check_session_providers, provider_list
+
+    provider = "cuda" if device.type == "cuda" else "cpu"
+    if provider == "cuda" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when onnxruntime-gpu is installed beside them
+    started = time.perf_counter()
+    network = random_network(spec, dtype="fp16", device="cpu")
+    del network.model.visual
+    network.model.visual = None
+    work = Path(settings.workdir) if settings.workdir else Path(tempfile.mkdtemp(prefix="jev4-fast-path-ort-"))
+    work.mkdir(parents=True, exist_ok=True)
+    export_language_graph(network, config, work, opset=18, with_images=False)
+    del network
+    timings["ort_export_s"] = time.perf_counter() - started
+    timings["onnx_bytes"] = sum(p.stat().st_size for p in work.iterdir() if p.is_file())
+    _free(device)
+    baseline = _device_used_gib(device)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    started = time.perf_counter()
+    session = ort.InferenceSession(str(work / "language.onnx"), sess_options=options, providers=provider_list(provider))
+    check_session_providers(session, provider, "language.onnx")
+    timings["ort_session_create_s"] = time.perf_counter() - started
+    kv_dim = spec.hidden_size // spec.heads * spec.kv_heads
+    points = []
+    rng = np.random.default_rng(0)
+    for batch in settings.batches:
+        for seq in settings.seqs:
+            ids = rng.integers(0, 600 if settings.tiny else 150_000, size=(batch, seq)).astype(np.int64)
+            mask = np.ones((batch, seq), dtype=np.int64)
+            pos = np.ascontiguousarray(np.broadcast_to(np.arange(seq, dtype=np.int64), (3, batch, seq)))
+            binding = session.io_binding()
+            for name, value in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos), ("pooling_mask", mask)):
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, provider, 0))
+            for name in ("single_vector", "multi_vector"):
+                binding.bind_output(name, provider, 0)
+            try:
+                times = []
+                for i in range(settings.warmup + settings.iters):
+                    t0 = time.perf_counter()
+                    session.run_with_iobinding(binding)  # returns when the outputs are ready
+                    if i >= settings.warmup:
+                        times.append(time.perf_counter() - t0)
+            except Exception as exc:  # onnxruntime raises its own types; an out-of-memory point is reported, not fatal
+                log.warning("ort-fp16 b=%d s=%d failed: %s", batch, seq, str(exc).splitlines()[0] if str(exc) else exc)
+                failures.append({"mode": "ort-fp16", "batch": batch, "seq": seq, "error": (str(exc).splitlines() or [repr(exc)])[0][:300]})
+                continue
+            mem = max(0.0, _device_used_gib(device) - baseline)
+            flops = text_flops_per_token(spec.hidden_size, spec.layers, spec.intermediate_size, kv_dim, seq, spec.multi_vector_dim)
+            points.append(_point("ort-fp16", batch, seq, times, mem, flops, peaks["bf16"]))
+            log.info("ort-fp16 b=%d s=%d: %.0f tokens/s, p50 %.1f ms", batch, seq, points[-1].tokens_per_s, points[-1].p50_ms)
+    del session
+    _free(device)
+    return points
+
+
+def _device_used_gib(device: torch.device) -> float:
+    """Device memory in use by everything (cudaMemGetInfo): how onnxruntime's arena is seen from outside."""
+    if device.type != "cuda":
+        return 0.0
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / 1024**3
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def corpus_texts(count: int, seed: int = 0) -> list[str]:
+    """``count`` documents of the built-in stdlib-code set (function sources of very mixed length), shuffled."""
+    from jev4.validate.datasets import resolve_dataset
+
+    docs = list(resolve_dataset("stdlib-code").documents)
+    random.Random(seed).shuffle(docs)
+    while len(docs) < count:
+        docs += docs[: count - len(docs)]
+    return docs[:count]
+
+
+def encode_upstream_style(encoder, texts: list[str], task: str, batch_size: int, max_length: int) -> tuple[torch.Tensor, int]:
+    """Upstream's loop: consecutive batches in input order, each padded to its longest text; no sorting.
+
+    Returns the single vectors and the number of token positions computed (padding included).
+    """
+    from jev4.model.preprocess import text_prefix
+
+    prompted = [text_prefix(task, "passage") + t for t in texts]
+    out, positions = [], 0
+    for start in range(0, len(prompted), batch_size):
+        inputs = encoder.preprocessor.text_inputs(prompted[start : start + batch_size], max_length)
+        single, _ = encoder._forward(inputs, [task] * inputs.input_ids.shape[0])
+        positions += inputs.input_ids.numel()
+        out.append(single.cpu())
+    return torch.cat(out), positions
+
+
+def _sorted_positions(encoder, texts: list[str], task: str, batch_size: int, max_length: int) -> int:
+    """Token positions the length-sorted encode computes (each batch padded to its longest)."""
+    from jev4.model.preprocess import text_prefix
+
+    lengths = sorted(encoder.preprocessor.token_lengths([text_prefix(task, "passage") + t for t in texts], max_length), reverse=True)
+    return sum(max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size))
+
+
+def _timed(device: torch.device, fn: Callable[[], object]) -> tuple[object, float]:
+    _sync(device)
+    started = time.perf_counter()
+    result = fn()
+    _sync(device)
+    return result, time.perf_counter() - started
+
+
+def run_corpus_comparison(spec, config, settings: FastPathSettings, device: torch.device, dtype: str) -> dict:
+    """FP8 path (merged, quantized, length-sorted) vs upstream-style (unmerged fp32 LoRA, input order, batch 8)."""
+    from jev4.export.merge import merge_into_network
+    from jev4.model.adapters import AdapterSet, LoraSettings, TaskLora
+    from jev4.model.encoder import TorchEncoder
+    from jev4.model.network import attach_adapters, linear_shapes
+    from jev4.model.preprocess import Preprocessor, load_tokenizer, text_prefix
+    from jev4.model.synthetic import random_network
+    from jev4.model.tiny import TASKS, adapted_modules, write_tiny_checkpoint
+    from jev4.runtime.torch_fp8 import FP8Settings, quantize_model_fp8
+
+    task = settings.task
+    with tempfile.TemporaryDirectory(prefix="jev4-fast-path-tok-") as tmp:
+        tokenizer = load_tokenizer(write_tiny_checkpoint(Path(tmp) / "tiny", force=True))
+    preprocessor = Preprocessor(config, tokenizer, None)
+    texts = corpus_texts(settings.corpus_docs)
+    real_tokens = sum(preprocessor.token_lengths([text_prefix(task, "passage") + t for t in texts], settings.corpus_max_length))
+
+    gen = torch.Generator().manual_seed(1)
+    base = random_network(spec, dtype=dtype, device=str(device))
+    shapes = linear_shapes(base)
+    loras = {
+        m: {t: TaskLora(torch.randn(spec.lora_r, shapes[m][1], generator=gen) * 0.01, torch.randn(shapes[m][0], spec.lora_r, generator=gen) * 0.01, 1.0) for t in TASKS}
+        for m in adapted_modules(spec.layers)
+    }
+    selector = attach_adapters(base, AdapterSet(Path("random"), LoraSettings(spec.lora_r, spec.lora_alpha, False), tuple(TASKS), loras))
+    upstream = TorchEncoder(base, config, preprocessor, selector, device)
+    encode_upstream_style(upstream, texts[:UPSTREAM_BATCH], task, UPSTREAM_BATCH, settings.corpus_max_length)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    (up_vectors, up_positions), up_seconds = _timed(device, partial(encode_upstream_style, upstream, texts, task, UPSTREAM_BATCH, settings.corpus_max_length))
+    up_peak = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else 0.0
+    upstream = selector = base = None  # free before the FP8 network is built
+    _free(device)
+
+    net = random_network(spec, dtype=dtype, device=str(device))  # the same seed: the same base weights
+    merge_into_network(net, {m: per_task[task] for m, per_task in loras.items()})
+    selection = quantize_model_fp8(net, FP8Settings())
+    fast = TorchEncoder(net, dataclasses.replace(config, merged_task=task), preprocessor, None, device)
+    batch = settings.corpus_batch
+    fast.encode_text(texts[:batch], task=task, prompt_name="passage", batch_size=batch, max_length=settings.corpus_max_length)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    fast_vectors, fast_seconds = _timed(
+        device, partial(fast.encode_text, texts, task=task, prompt_name="passage", batch_size=batch, max_length=settings.corpus_max_length)
+    )
+    fast_peak = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else 0.0
+    fast_positions = _sorted_positions(fast, texts, task, batch, settings.corpus_max_length)
+    cosine = torch.nn.functional.cosine_similarity(fast_vectors.double(), up_vectors.double(), dim=-1)
+    fast = net = None
+    _free(device)
+
+    def side(seconds: float, positions: int, peak: float, **extra) -> dict:
+        return {
+            "seconds": seconds,
+            "docs_per_s": len(texts) / seconds,
+            "tokens_per_s": real_tokens / seconds,
+            "token_positions": positions,
+            "padding_fraction": 1 - real_tokens / positions,
+            "peak_mem_gib": peak,
+            **extra,
+        }
+
+    upstream_side = side(up_seconds, up_positions, up_peak, batch_size=UPSTREAM_BATCH, length_sorted=False, lora="unmerged fp32", dtype=dtype)
+    fast_side = side(fast_seconds, fast_positions, fast_peak, batch_size=batch, length_sorted=True, lora="merged", dtype=f"fp8 GEMMs, {dtype} rest", fp8_layers=len(selection.chosen))
+    return {
+        "corpus": "stdlib-code documents (shuffled, seed 0), passage prompt",
+        "docs": len(texts),
+        "real_tokens": real_tokens,
+        "max_length": settings.corpus_max_length,
+        "task": task,
+        "upstream_style": upstream_side,
+        "fp8_path": fast_side,
+        "speedup_docs_per_s": fast_side["docs_per_s"] / upstream_side["docs_per_s"],
+        "fp8_vs_upstream_cosine_mean": cosine.mean().item(),
+        "fp8_vs_upstream_cosine_min": cosine.min().item(),
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def markdown(results: dict) -> str:
+    from jev4.bench.report import encode_table
+
+    peaks = results["peak_tflops"]
+    lines = [
+        f"# Fast path: {results['device']}",
+        "",
+        f"Model: {results['model']}, random weights. Peaks for MFU: bf16 {peaks['bf16']} TFLOP/s, fp8 {peaks['fp8']} TFLOP/s (datasheet, dense).",
+        "",
+        encode_table(results),
+    ]
+    if results.get("failures"):
+        lines += ["", "Points that did not run:", ""] + [f"- {f['mode']} {f['batch']}x{f['seq']}: {f['error']}" for f in results["failures"]]
+    e2e = results.get("e2e")
+    if e2e:
+        up, fast = e2e["upstream_style"], e2e["fp8_path"]
+        lines += [
+            "",
+            f"## End to end: {e2e['docs']} mixed-length documents ({e2e['real_tokens']:,} tokens, max {e2e['max_length']})",
+            "",
+            "| encode | batch | sorted | LoRA | seconds | docs/s | tokens/s | padding | peak GPU GiB |",
+            "|---|---:|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, s in (("upstream-style", up), ("FP8 path", fast)):
+            lines.append(
+                f"| {name} | {s['batch_size']} | {'yes' if s['length_sorted'] else 'no'} | {s['lora']} | {s['seconds']:.2f} | "
+                f"{s['docs_per_s']:,.1f} | {s['tokens_per_s']:,.0f} | {100 * s['padding_fraction']:.0f}% | {s['peak_mem_gib']:.1f} |"
+            )
+        lines += [
+            "",
+            f"FP8 path / upstream-style: **{e2e['speedup_docs_per_s']:.2f}x** docs/s. Cosine FP8 vs upstream-style (same random weights): "
+            f"mean {e2e['fp8_vs_upstream_cosine_mean']:.4f}, min {e2e['fp8_vs_upstream_cosine_min']:.4f}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def run_fast_path(settings: FastPathSettings, out: Path, force: bool = False) -> dict:
+    """Measure everything ``settings`` asks for and write fast-path.json/.md/.png into ``out``."""
+    from jev4.atomic import atomic_output_dir, check_output_path
+    from jev4.bench.report import plot_encode
+    from jev4.model.config import parse_config
+    from jev4.model.synthetic import full_size_config
+    from jev4.model.tiny import FULL_SIZE, TinySpec
+
+    check_output_path(out, force)
+    device = torch.device(settings.device)
+    if any("fp8" in m for m in settings.modes) or settings.corpus_docs:
+        from jev4.runtime.torch_fp8 import check_fp8_device
+
+        check_fp8_device(device)
+    spec = TinySpec() if settings.tiny else FULL_SIZE
+    config = parse_config(full_size_config(spec))  # the network random_network builds for ``spec``
+    dtype = "bf16"
+    name = _device_name(device)
+    bf16_peak, fp8_peak = peak_tflops(name) if device.type == "cuda" else (None, None)
+    peaks = {"bf16": bf16_peak, "fp8": fp8_peak}
+    points: list[EncodePoint] = []
+    failures: list[dict] = []
+    timings: dict[str, float] = {}
+    for mode in settings.modes:
+        started = time.perf_counter()
+        if mode == "ort-fp16":
+            points += _ort_points(spec, config, settings, device, peaks, failures, timings)
+        else:
+            points += _torch_points(spec, mode, settings, dtype, device, peaks, failures)
+        timings[f"{mode}_s"] = time.perf_counter() - started
+    e2e = None
+    if settings.corpus_docs:
+        started = time.perf_counter()
+        e2e = run_corpus_comparison(spec, config, settings, device, dtype)
+        timings["e2e_s"] = time.perf_counter() - started
+    results = {
+        "title": "fast path",
+        "machine": machine_summary(),
+        "device": name,
+        "dtype": dtype,
+        "model": "tiny (toy sizes)" if settings.tiny else "full size (3.8B, jina-embeddings-v4 shapes)",
+        "peak_tflops": peaks,
+        "settings": asdict(settings),
+        "points": [asdict(p) for p in points],
+        "failures": failures,
+        "e2e": e2e,
+        "timings": timings,
+        "notes": [
+            "timing: forward + pooling on device-resident inputs; CUDA events (torch), wall clock around run_with_iobinding (onnxruntime)",
+            "peak_mem_gib: torch max_memory_allocated; onnxruntime: device memory in use above the pre-session baseline (cudaMemGetInfo); 0 on CPU",
+            "MFU: tokens/s x (2 x matmul params + causal attention FLOPs) per token / datasheet dense peak; the FP8 mode is measured against the FP8 peak",
+            "grid networks are text-only (vision tower dropped), so their memory is ~1.3 GiB (bf16) below `jev4 bench encode`'s; the e2e networks keep it",
+        ],
+    }
+    _sync(device)
+    with atomic_output_dir(out, force=force) as tmp:
+        (tmp / "fast-path.json").write_text(json.dumps(results, indent=2) + "\n")
+        (tmp / "fast-path.md").write_text(markdown(results))
+        if points:
+            plot_encode(results, tmp / "fast-path.png")
+    return results
+
+
+def run_fast_path_bench(args: argparse.Namespace) -> int:
+    """CLI entry of ``jev4 bench fast-path``."""
+    settings = FastPathSettings(
+        device=args.device,
+        tiny=args.tiny,
+        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        batches=tuple(int(x) for x in args.batches.split(",")),
+        seqs=tuple(int(x) for x in args.seqs.split(",")),
+        warmup=args.warmup,
+        iters=args.iters,
+        corpus_docs=args.corpus_docs,
+        corpus_max_length=args.corpus_max_length,
+        corpus_batch=args.corpus_batch,
+        task=args.task,
+        workdir=args.workdir,
+    )
+    results = run_fast_path(settings, Path(args.out), force=args.force)
+    print(markdown(results))
+    print(f"results: {args.out}/fast-path.json")
+    return 0
