@@ -85,9 +85,7 @@ _CHUNK_BYTES = 64 * 2**20
 # float32 holds every integer up to 2**24 exactly.
 _F32_EXACT = 2**24
 
-_TERNARY_LUT = (
-    (np.arange(256)[:, None] // 3 ** np.arange(4, -1, -1)[None, :]) % 3 - 1
-).astype(np.int8)  # row b: the 5 trits (-1, 0, 1) of byte b, most significant first
+_TERNARY_LUT = ((np.arange(256)[:, None] // 3 ** np.arange(4, -1, -1)[None, :]) % 3 - 1).astype(np.int8)  # row b: the 5 trits (-1, 0, 1) of byte b, most significant first
 _POPCOUNT_LUT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
@@ -268,10 +266,6 @@ def _unpack(precision: str, data: np.ndarray, dim: int) -> np.ndarray:
     return (bits.view(np.int8) << 1) - 1  # 0/1 -> -1/+1
 
 
-def _value_dtype(precision: str) -> np.dtype:
-    return np.dtype(np.float32) if precision in ("float32", "float16") else np.dtype(np.int32)
-
-
 # --------------------------------------------------------------------------- popcount
 
 
@@ -343,7 +337,7 @@ class _Scorer:
     mode: Literal["float", "affine", "exact", "hamming"]
     weights: np.ndarray  # [Q, dim] float32 (float/affine), [Q, dim] float32 integer values (exact), [Q, words] packed (hamming)
     bias: np.ndarray | None = None  # [Q] float64, added to affine scores
-    block: int = 0  # dims per exact float32 product (exact mode)
+    blocks: tuple[tuple[int, int], ...] = ()  # dim ranges of the exact float32 products (exact mode)
     dim: int = 0
 
     @property
@@ -371,9 +365,10 @@ class _Scorer:
         if self.mode == "affine":
             return (self.weights @ values.astype(np.float32).T + self.bias[:, None]).astype(np.float32)
         values = values.astype(np.float32)
+        if len(self.blocks) == 1:
+            return (self.weights @ values.T).astype(np.int32)
         total = np.zeros((self.n_queries, values.shape[0]), dtype=np.int32)
-        for start in range(0, self.dim, self.block):  # each block's sums are integers below 2**24: exact in float32
-            stop = start + self.block
+        for start, stop in self.blocks:  # each block's partial sums are integers below 2**24: exact in float32
             total += (self.weights[:, start:stop] @ values[:, start:stop].T).astype(np.int32)
         return total
 
@@ -408,8 +403,28 @@ def _prepare_codes(queries: Codes, docs: Codes) -> _Scorer:
         return _Scorer("hamming", _as_words(_bits_like(queries, docs)), dim=docs.dim)
     if docs.precision in ("float32", "float16"):
         return _Scorer("float", queries.data.astype(np.float32), dim=docs.dim)
-    block = max(1, _F32_EXACT // (_MAX_ABS[docs.precision] ** 2))
-    return _Scorer("exact", queries.values().astype(np.float32), block=block, dim=docs.dim)
+    weights = queries.values().astype(np.float32)
+    return _Scorer("exact", weights, blocks=_exact_blocks(weights, _MAX_ABS[docs.precision]), dim=docs.dim)
+
+
+def _exact_blocks(weights: np.ndarray, max_doc_value: int) -> tuple[tuple[int, int], ...]:
+    """Dim ranges over which float32 products of integer codes are exact, as few as possible.
+
+    Any partial sum over a range is at most ``max_doc_value * sum |q_d|`` in
+    magnitude; float32 holds every integer up to 2**24, so a range whose bound
+    stays within it is computed without rounding in any summation order.
+    Typical int8 queries fit in one range (one matrix product); all -128
+    codes at 2048 dims need two.
+    """
+    bound = np.abs(weights).max(axis=0).astype(np.int64) * max_doc_value if len(weights) else np.zeros(weights.shape[1], np.int64)
+    blocks, start, total = [], 0, 0
+    for d, b in enumerate(bound.tolist()):
+        if total + b > _F32_EXACT and d > start:
+            blocks.append((start, d))
+            start, total = d, 0
+        total += b
+    blocks.append((start, len(bound)))
+    return tuple(blocks)
 
 
 def _bits_like(queries: Codes, docs: Codes) -> np.ndarray:

@@ -13,7 +13,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from jev4.quant.search import Codes, SearchError, TokenCorpus, _popcount_sum, hamming_distances, maxsim, scores, search, search_rescored
+from jev4.quant.search import Codes, SearchError, TokenCorpus, _exact_blocks, _popcount_sum, hamming_distances, maxsim, scores, search, search_rescored
 
 # ---------------------------------------------------------------- reference encoders/decoders (the contract)
 
@@ -168,6 +168,21 @@ def test_integer_products_exact_at_extremes(precision, extreme):
     want = [[sum(a * b for a, b in zip(r, s)) for s in vals] for r in vals]
     assert want[0][0] > 2**24 or precision == "int4"
     np.testing.assert_array_equal(got, want)
+
+
+def test_int8_product_exact_where_one_float32_product_rounds():
+    """-127 x -127 over 2047 dims is 33,016,063: odd and above 2**24, so a single float32 product cannot hold it."""
+    q = Codes("int8", np.full((1, 2048), -127, dtype=np.int8), 2048)
+    d_data = np.full((2, 2048), -127, dtype=np.int8)
+    d_data[0, -1] = 0
+    d_data[1, ::2] = 3
+    docs = Codes("int8", d_data, 2048)
+    want = [[16129 * 2047, 16129 * 1024 - 381 * 1024]]
+    assert int(np.float32(want[0][0])) != want[0][0]
+    np.testing.assert_array_equal(scores(q, docs), want)
+    assert len(_exact_blocks(q.values().astype(np.float32), 128)) == 2
+    typical = np.random.default_rng(0).integers(-40, 40, size=(8, 2048)).astype(np.float32)
+    assert _exact_blocks(typical, 128) == ((0, 2048),)  # one matrix product
 
 
 @pytest.mark.parametrize("precision", ["float32", "float16", "int8", "uint8", "int4", "ternary", "binary", "ubinary"])
