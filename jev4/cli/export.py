@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from jev4.cli.common import run_command
+from jev4.errors import Jev4Error
 
 log = logging.getLogger("jev4.export")
 
@@ -20,9 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. jinaai/jina-embeddings-v4)")
     parser.add_argument("--adapter", required=True, help="task adapter to merge: retrieval, text-matching or code")
     parser.add_argument("--adapter-dir", help="a different adapters/ directory (e.g. one tuned by jev4 qat)")
-    parser.add_argument("--format", choices=["hf", "onnx"], default="hf", help="hf: merged safetensors checkpoint; onnx: language (+ vision) graphs")
+    parser.add_argument("--format", choices=["hf", "onnx"], help="hf: merged safetensors checkpoint; onnx: language (+ vision) graphs (default: hf, or onnx with --fp8/--int8)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (hf default: the source's; onnx default: fp32)")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (onnx format)")
+    parser.add_argument("--opset", type=int, help="ONNX opset (onnx format; default 18, or 19 with --fp8/--int8)")
     parser.add_argument("--no-validate", action="store_true", help="skip the onnxruntime check right after an ONNX export")
     parser.add_argument("--text-only", action="store_true", help="drop the vision tower; write a standard Qwen2 + sentence-transformers checkpoint")
     out = parser.add_argument_group("output embeddings (jev4.quant.embeddings)")
@@ -34,6 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--output-calib-size", type=int, default=1000, help="documents embedded to calibrate the codec's ranges")
     out.add_argument("--output-calib-data", help="text file, one document per line (default: built-in stdlib-code sources)")
     out.add_argument("--output-calib-method", choices=["minmax", "percentile"], default="minmax")
+    quant = parser.add_argument_group("weight + activation quantization (ONNX with Q/DQ, docs/quantization.md)")
+    precision = quant.add_mutually_exclusive_group()
+    precision.add_argument("--fp8", action="store_true", help="FP8 E4M3 weights and activations (TensorRT explicit quantization)")
+    precision.add_argument("--int8", action="store_true", help="INT8 SmoothQuant W8A8: per-channel weights, per-tensor activations")
+    quant.add_argument("--calib-data", metavar="FILE", help="calibration samples: a text file (one per line) or JSONL ({\"text\": ...} / {\"image\": path}); default: built-in stdlib-code texts (+ pydoc pages)")
+    quant.add_argument("--calib-size", type=int, default=64, metavar="N", help="calibration samples to run (default 64)")
+    quant.add_argument(
+        "--quant-exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="keep modules matching this fnmatch pattern in float (repeatable); '!PATTERN' drops a default exclusion, e.g. '!model.visual.*'",
+    )
+    quant.add_argument("--weight-granularity", choices=["per-channel", "per-tensor"], help="weight scales (default: per-tensor for fp8, per-channel for int8)")
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -60,8 +75,57 @@ def _output_codec(args: argparse.Namespace):
     return encode_calibration(reference, args.adapter, settings, progress=not args.no_progress)
 
 
+def _quant_recipe(args: argparse.Namespace):
+    """The recipe of ``--fp8`` / ``--int8`` (None for a float export); bad flags fail here, before any work."""
+    if not (args.fp8 or args.int8):
+        if args.quant_exclude or args.calib_data or args.weight_granularity:
+            raise Jev4Error("--calib-data, --quant-exclude and --weight-granularity apply to --fp8 or --int8 exports only")
+        return None
+    from jev4.quant.recipes import make_recipe
+
+    precision = "fp8" if args.fp8 else "int8"
+    if args.format not in (None, "onnx"):
+        raise Jev4Error(f"--{precision} writes an ONNX artifact; drop --format {args.format} (or use --format onnx)")
+    return make_recipe(precision, args.weight_granularity, args.quant_exclude)
+
+
+def _quantized_export(args: argparse.Namespace, recipe, output_codec) -> int:
+    """``--fp8`` / ``--int8``: a Q/DQ ONNX artifact, then TensorRT engines where TensorRT is installed (else how to build them)."""
+    from jev4.export.onnx import OnnxExportSettings
+    from jev4.export.onnx_qdq import QuantSettings, export_quantized_onnx
+
+    out = export_quantized_onnx(
+        OnnxExportSettings(
+            model=args.model,
+            adapter=args.adapter,
+            out=args.out,
+            dtype=args.dtype or "fp32",
+            text_only=args.text_only,
+            opset=args.opset or 19,
+            adapter_dir=args.adapter_dir,
+            validate=not args.no_validate,
+            force=args.force,
+        ),
+        QuantSettings(recipe=recipe, calib_data=args.calib_data, calib_size=args.calib_size),
+        progress=not args.no_progress,
+        output_codec=output_codec,
+    )
+    log.info("artifact written: %s", out)
+    try:
+        from jev4.export.tensorrt import build_or_hint
+    except ImportError as exc:  # the engine builder is optional; the ONNX artifact is complete without it
+        log.info("TensorRT engines not built (%s); the ONNX artifact runs on onnxruntime", exc)
+    else:
+        build_or_hint(Path(out), recipe.precision)
+    print(out)
+    return 0
+
+
 def export(args: argparse.Namespace) -> int:
+    recipe = _quant_recipe(args)
     output_codec = _output_codec(args)
+    if recipe is not None:
+        return _quantized_export(args, recipe, output_codec)
     if args.format == "onnx":
         from jev4.export.onnx import OnnxExportSettings, export_onnx
 
@@ -72,7 +136,7 @@ def export(args: argparse.Namespace) -> int:
                 out=args.out,
                 dtype=args.dtype or "fp32",
                 text_only=args.text_only,
-                opset=args.opset,
+                opset=args.opset or 18,
                 adapter_dir=args.adapter_dir,
                 validate=not args.no_validate,
                 force=args.force,
