@@ -75,6 +75,44 @@ def _bench_fast_path(args: argparse.Namespace) -> int:
     return run_fast_path_bench(args)
 
 
+def _qat(args: argparse.Namespace) -> int:
+    from jev4.qat.export import run_qat
+    from jev4.qat.trainer import QATSettings
+
+    result = run_qat(
+        QATSettings(
+            model=args.model,
+            adapter=args.adapter,
+            precision=None if args.precision == "float" else args.precision,
+            data=args.data,
+            out=args.out,
+            quantize=args.quantize,
+            scaling=args.scaling,
+            matryoshka_dims=tuple(int(d) for d in args.matryoshka_dims.split(",")) if args.matryoshka_dims else (),
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            temperature=args.temperature,
+            eval_every=args.eval_every,
+            held_out=args.held_out,
+            data_size=args.data_size,
+            max_length=args.max_length,
+            seed=args.seed,
+            device=args.device,
+            dtype=args.dtype,
+            gradient_checkpointing=args.gradient_checkpointing,
+            adapter_dir=args.adapter_dir,
+            resume=args.resume,
+            force=args.force,
+            progress=not args.no_progress,
+        )
+    )
+    best = result.best
+    print(f"best at step {best.get('step')}: {best.get('metric')} = {best.get('score', float('nan')):.4f}")
+    print(f"adapter: {result.out} (use with jev4-export --adapter-dir {result.out})")
+    return 0
+
+
 def _bench_codecs(args: argparse.Namespace) -> int:
     from jev4.bench.codecs import CodecBenchSettings, markdown_table, run_codec_bench
     from jev4.validate.codecs import DEFAULT_CODECS, check_codec
@@ -221,6 +259,33 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--out", help="write a new artifact here (default: update ARTIFACT in place, which needs --force)")
     eng.add_argument("--force", action="store_true")
     eng.set_defaults(handler=_build_engine)
+
+    qat = sub.add_parser("qat", help="quantization-aware training of one task adapter for quantized output embeddings")
+    qat.add_argument("--model", required=True)
+    qat.add_argument("--adapter", required=True, help="task whose LoRA is tuned: retrieval, text-matching or code")
+    qat.add_argument("--precision", required=True, choices=["binary", "ternary", "int4", "int8", "float"], help="codec in the loss (float: plain fine-tuning)")
+    qat.add_argument("--quantize", choices=["docs", "both"], default="docs", help="quantize documents only, or queries too")
+    qat.add_argument("--scaling", choices=["minmax", "rolling"], default="minmax", help="int8/int4 ranges: per batch, or a rolling average")
+    qat.add_argument("--data", required=True, help="JSONL of {query, positive[, negative]} (texts or image paths), or stdlib-code")
+    qat.add_argument("--out", required=True, help="output adapter directory (upstream adapters/ layout)")
+    qat.add_argument("--matryoshka-dims", help="comma-separated dims added to the loss")
+    qat.add_argument("--steps", type=int, default=200)
+    qat.add_argument("--batch-size", type=int, default=16)
+    qat.add_argument("--lr", type=float, default=5e-4)
+    qat.add_argument("--temperature", type=float, default=0.05)
+    qat.add_argument("--eval-every", type=int, default=50)
+    qat.add_argument("--held-out", type=int, default=200, help="pairs held out for evaluation")
+    qat.add_argument("--data-size", type=int, help="use only the first N pairs")
+    qat.add_argument("--max-length", type=int, default=128)
+    qat.add_argument("--seed", type=int, default=0)
+    qat.add_argument("--device", default="cpu")
+    qat.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 with gradient checkpointing for the real model on a GPU")
+    qat.add_argument("--gradient-checkpointing", action="store_true")
+    qat.add_argument("--adapter-dir", help="start from another adapters/ directory")
+    qat.add_argument("--resume", action="store_true", help="continue from OUT.qat-state if it exists")
+    qat.add_argument("--force", action="store_true")
+    qat.add_argument("--no-progress", action="store_true")
+    qat.set_defaults(handler=_qat)
 
     demo = sub.add_parser("demo", help="tiny checkpoint -> merge -> parity table")
     demo.add_argument("--workdir", default="demo-out")

@@ -221,6 +221,10 @@ class TorchEncoder(Encoder):
 
     @torch.inference_mode()
     def _forward(self, inputs: ModelInputs, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.compute(inputs, tasks)
+
+    def compute(self, inputs: ModelInputs, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_forward`` with autograd on: what training (``jev4 qat``) differentiates through."""
         dev = self.device
         kwargs = dict(
             input_ids=inputs.input_ids.to(dev),
