@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=300)
     parser.add_argument("--precisions", default="binary,int4")
     parser.add_argument("--scaling", default="minmax")
+    parser.add_argument("--multivector-weight", type=float, default=0.0, help="0: single-vector training, which is what the evaluation measures")
+    parser.add_argument("--float-weight", type=float, default=1.0)
     parser.add_argument("--results", default="docs/results/qat-experiment.json")
     parser.add_argument("--plot", default="docs/img/qat-experiment.png")
     args = parser.parse_args()
@@ -39,7 +41,7 @@ def main() -> None:
     base = QATSettings(
         model=args.model, adapter="retrieval", precision=None, data="stdlib-code", out=tempfile.mkdtemp() + "/x",
         steps=args.steps, lr=args.lr, data_size=args.data_size, held_out=args.held_out, eval_every=max(args.steps // 6, 1),
-        scaling=args.scaling, progress=True,
+        scaling=args.scaling, multivector_weight=args.multivector_weight, float_weight=args.float_weight, progress=True,
     )
     split = load_split(base.data, base.held_out, base.seed, base.data_size)
     float_result, float_encoder = train(base, split)

@@ -76,7 +76,9 @@ class MultiTaskLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         ids = self.selector.task_ids
-        if ids.shape[0] != x.shape[0]:
+        if ids.shape[0] == 1 and x.shape[0] != 1:  # one label for the whole batch (training one task)
+            ids = ids.expand(x.shape[0])
+        elif ids.shape[0] != x.shape[0]:
             raise RuntimeError(f"{ids.shape[0]} task labels for a batch of {x.shape[0]}")
         a = self.lora_A[ids]  # [B, r, in]
         b = self.lora_B[ids]  # [B, out, r]

@@ -90,7 +90,7 @@ def write_output(settings: QATSettings, result: QATResult, encoder: TorchEncoder
     """The tuned adapter directory (atomically), usable as ``jev4-export --adapter-dir OUT``."""
     source = source_adapter_dir(settings)
     calibration = None
-    if settings.precision in ("int8", "int4", "ternary"):
+    if settings.precision is not None:
         # Calibrated on held-out documents embedded by the tuned model: what the served index will look like.
         split = load_split(settings.data, settings.held_out, settings.seed, settings.data_size)
         docs = _encode_eval(encoder, [p.positive for p in split.held_out], settings.adapter, "passage", settings.max_length, settings.batch_size)

@@ -7,8 +7,9 @@ gradient is the identity), so the model learns to place embeddings where
 quantization hurts least. Scaling of the range codecs (int8, int4) comes
 from the batch itself (``minmax``) or from an exponential moving average of
 per-dim min/max over batches (``rolling``), which Jina reports to work
-better because one batch's extremes are noisy. Ternary thresholds are
-calibrated per batch; binary needs no scale (the sign).
+better because one batch's extremes are noisy. Ternary and binary are
+centred per dim on the batch (the codec's calibrated form, ``calibrate``),
+and evaluated the same way.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ class Quantizer:
         """Fake-quantize ``x`` [N, D]; ``kind`` ("single"/"multi") keeps separate rolling ranges per output."""
         if self.precision is None:
             return x
-        if self.precision == "binary":
-            return ste(x, "binary")
-        if self.precision == "ternary":
-            cal = calibrate(x.detach().float().cpu().numpy(), "ternary")
-            return ste(x, "ternary", **calibration_tensors(cal, device=x.device))
+        if self.precision in ("binary", "ternary"):
+            # Centred per dim on the batch (binary: the sign of x - median). Mean-pooled embeddings share a
+            # large common direction, so plain signs are nearly the same for every document and the
+            # straight-through gradient cannot flip them: binary QAT without centring did not learn at all.
+            cal = calibrate(x.detach().float().cpu().numpy(), self.precision)
+            return ste(x, self.precision, **calibration_tensors(cal, device=x.device))
         if self.scaling == "rolling":
             state = self.rolling.setdefault(f"{kind}/{x.shape[-1]}", RollingRange(x.shape[-1], self.momentum))
             lower, upper = state.update(x.detach())

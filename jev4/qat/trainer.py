@@ -59,6 +59,10 @@ class QATSettings:
     lr: float = 5e-4
     temperature: float = 0.05
     multivector_weight: float = 0.5  # weight of the MaxSim InfoNCE term; it is what trains the projector's LoRA
+    # Weight of the same InfoNCE on the float embeddings beside the quantized one. The sign's straight-through
+    # gradient alone is noisy (binary QAT on the tiny model did not learn at all without it); the float term
+    # keeps the task signal while the quantized term shapes where the codes fall.
+    float_weight: float = 1.0
     momentum: float = 0.99
     eval_every: int = 50
     held_out: int = 200
@@ -168,13 +172,13 @@ def _encode_eval(encoder: TorchEncoder, items: list[Item], task: str, prompt: st
 def quantized_metrics(queries: np.ndarray, documents: np.ndarray, precision: str | None, quantize_queries: bool) -> dict[str, float]:
     """Retrieval metrics (query i's positive is document i) with the documents (and queries) through the codec.
 
-    Range codecs and ternary are calibrated on the documents, as a
-    post-training quantization of the same index would be.
+    Every codec is calibrated on the documents (binary: centred per dim), as
+    a post-training quantization of the same index would be.
     """
     qrels = [{i: 1.0} for i in range(len(queries))]
     if precision is None:
         return retrieval_metrics(queries @ documents.T, qrels)
-    cal = calibrate(documents, precision) if precision in ("int8", "int4", "ternary") else None
+    cal = calibrate(documents, precision)  # binary too: centred per dim, as in training
     codec = EmbeddingCodec(precision, cal)
     docs = codec.decode(codec.encode(documents))
     q = codec.decode(codec.encode(queries)) if quantize_queries else queries
@@ -268,7 +272,9 @@ def train(settings: QATSettings, split: PairSplit | None = None) -> tuple[QATRes
     params = freeze_all_but(encoder, settings.adapter)
     index = encoder.selector.tasks.index(settings.adapter)
     if settings.gradient_checkpointing:
-        encoder.network.model.language_model.gradient_checkpointing_enable()
+        # Non-reentrant checkpointing: the frozen embeddings give inputs without grad, and the
+        # reentrant variant would then drop the LoRA gradients inside each checkpointed layer.
+        encoder.network.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     encoder.network.train()
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     quantizer = Quantizer(settings.precision, settings.scaling, settings.momentum)
@@ -295,13 +301,18 @@ def train(settings: QATSettings, split: PairSplit | None = None) -> tuple[QATRes
         documents, doc_tokens, doc_mask = embed(encoder, doc_items, settings.adapter, "passage", settings.max_length)
         both = settings.quantize == "both"
         loss = qat_loss(queries, documents, quantizer, both, settings.temperature, dims)
+        if settings.float_weight and settings.precision is not None:
+            loss = loss + settings.float_weight * qat_loss(queries, documents, Quantizer(None), False, settings.temperature, dims)
         if settings.multivector_weight:
             multi = maxsim_loss(query_tokens, query_mask, doc_tokens, doc_mask, quantizer, both, settings.temperature)
             loss = loss + settings.multivector_weight * multi
         if not math.isfinite(loss.item()):
             raise QATError(f"step {step}: loss is {loss.item()} (lower --lr?)")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # Checkpointed layers re-run in backward, after compute()'s per-batch task selection has ended:
+        # one label for the whole batch keeps the task's LoRA selected there.
+        with encoder.selector.select([settings.adapter], settings.device):
+            loss.backward()
         mask_other_tasks(params, index)
         optimizer.step()
         result.history.append({"step": step + 1, "loss": float(loss.item())})

@@ -147,3 +147,12 @@ def test_cli(tiny_dir, tmp_path, capsys):
     tensors = load_file(str(out / "adapter_model.safetensors"))
     assert write_adapter  # the same writer the export uses
     assert any(".code." in k for k in tensors)
+
+
+def test_gradient_checkpointing_gives_the_same_steps(tiny_dir, tmp_path):
+    """The GPU setting (checkpointed layers re-run in backward) must train exactly like the plain loop."""
+    kw = dict(steps=3, batch_size=4, eval_every=3, data_size=60, held_out=20, max_length=48)
+    plain, _ = train(settings(tiny_dir, tmp_path / "a", **kw))
+    checkpointed, _ = train(settings(tiny_dir, tmp_path / "b", gradient_checkpointing=True, **kw))
+    losses = lambda r: [h["loss"] for h in r.history if "loss" in h]  # noqa: E731
+    np.testing.assert_allclose(losses(checkpointed), losses(plain), rtol=1e-5)
