@@ -81,7 +81,7 @@ def plot(runs: dict, table: dict, path: str) -> None:
             window = max(1, len(values) // 15)
             smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
             curve.plot(steps, smooth, color=colors.get(name, "#57606a"), label=name)
-    curve.set(xlabel="step", ylabel="InfoNCE loss (running mean)", title="training loss")
+    curve.set(xlabel="step", ylabel="loss (running mean)", title="training loss (QAT: quantized + float InfoNCE)")
     curve.legend(frameon=False, fontsize=8)
     keys = ["before training: quantized", "float fine-tune + PTQ", "QAT: quantized", "float fine-tune: float"]
     labels = ["start, quantized", "float FT + PTQ", "QAT", "float FT (float32)"]
@@ -92,7 +92,8 @@ def plot(runs: dict, table: dict, path: str) -> None:
         bars.bar_label(container, fmt="%.3f", fontsize=7)
     bars.set_xticks(range(len(table)), list(table))
     bars.set(ylabel="held-out nDCG@10", title="stdlib-code held-out split, tiny model")
-    bars.legend(frameon=False, fontsize=8)
+    bars.set_ylim(0, max(table[p][k] for p in table for k in keys) * 1.35)
+    bars.legend(frameon=False, fontsize=8, loc="upper left", ncols=2)
     fig.savefig(path, metadata={"Software": None})
 
 
