@@ -140,7 +140,9 @@ def _time_method(run: Callable[[slice], SearchResult], n_queries: int, n_latency
     return latencies, time.perf_counter() - start, result
 
 
-def _point(method: str, backend: str, docs: int, bytes_per_doc: int, corpus_bytes: int, latencies: list[float], batch_s: float, n_queries: int, scale: float = 1.0, scaled_from: int | None = None) -> MethodPoint:
+def _point(
+    method: str, backend: str, docs: int, bytes_per_doc: int, corpus_bytes: int, latencies: list[float], batch_s: float, n_queries: int, scale: float = 1.0, scaled_from: int | None = None
+) -> MethodPoint:
     return MethodPoint(
         method=method,
         backend=backend,
@@ -155,31 +157,97 @@ def _point(method: str, backend: str, docs: int, bytes_per_doc: int, corpus_byte
     )
 
 
+class _Recorder:
+    """Times methods and keeps their points and top-k indices (for the overlap with float32)."""
+
+    def __init__(self, n: int, k: int, n_queries: int, n_latency: int, targets: np.ndarray) -> None:
+        self.n, self.k, self.n_queries, self.n_latency, self.targets = n, k, n_queries, n_latency, targets
+        self.points: list[MethodPoint] = []
+        self.tops: dict[str, np.ndarray] = {}
+
+    def record(self, name: str, backend: str, bytes_per_doc: int, corpus_bytes: int, run: Callable[[slice], SearchResult], measured_docs: int | None = None) -> None:
+        measured = measured_docs or self.n
+        log.info("timing %s (%s) on %d docs ...", name, backend, measured)
+        latencies, batch_s, result = _time_method(run, self.n_queries, self.n_latency)
+        scaled = measured != self.n
+        point = _point(name, backend, self.n, bytes_per_doc, corpus_bytes, latencies, batch_s, self.n_queries, scale=self.n / measured, scaled_from=measured if scaled else None)
+        point.planted_hit_at_k = float(np.mean([t in row for t, row in zip(self.targets, result.indices)]))
+        self.points.append(point)
+        if not scaled:
+            self.tops[f"{name}/{backend}"] = result.indices
+        log.info("  p50 %.1f ms, batch %.1f ms/query, %.1f q/s", point.p50_ms, point.batch_ms_per_query, point.queries_per_s)
+
+    def overlaps_with(self, reference: str) -> None:
+        exact = self.tops[reference]
+        for point in self.points:
+            got = self.tops.get(f"{point.method}/{point.backend}")
+            if got is not None:
+                point.overlap_at_k_vs_float32 = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / self.k for a, b in zip(got, exact)]))
+
+
 def run_search_bench(args: argparse.Namespace) -> int:
     """Build the corpora in phases (binary+int8, then float32), time every method, write JSON/plot/table."""
-    from jev4.quant.embeddings import EmbeddingCodec, calibrate
-
     n, dim, nq, k = args.docs, args.dim, args.queries, args.k
-    n_latency = min(args.latency_queries, nq)
     info = machine_info()
     use_faiss = info["faiss"] is not None and not args.no_faiss
+    backends = ("numpy", "faiss") if use_faiss else ("numpy",)
     queries, targets = _queries(n, dim, nq, args.seed)
+    recorder = _Recorder(n, k, nq, min(args.latency_queries, nq), targets)
     results: dict = {
         "title": f"exact search over {n:,} random {dim}-d vectors, CPU",
         "machine": info,
-        "settings": {"docs": n, "dim": dim, "queries": nq, "latency_queries": n_latency, "k": k, "rescore_multiplier": args.rescore_multiplier, "seed": args.seed, "faiss_used": use_faiss},
+        "settings": {"docs": n, "dim": dim, "queries": nq, "latency_queries": recorder.n_latency, "k": k, "rescore_multiplier": args.rescore_multiplier, "seed": args.seed, "faiss_used": use_faiss},
         "points": [],
         "rss_gib": {},
         "loadavg_start": [round(v, 2) for v in os.getloadavg()],  # other work on the machine skews the times
     }
-    points: list[MethodPoint] = []
-    tops: dict[str, np.ndarray] = {}
+    # Phase 1: binary and int8 corpora (codes only; int8 is freed when the phase returns).
+    binary_docs = _binary_and_int8_phase(args, queries, recorder, backends, results)
 
-    # Phase 1: binary and int8 corpora (codes only; no float copy is kept).
-    sample = next(_doc_chunks(min(n, _GEN_CHUNK), dim, args.seed))[1]
-    int8_codec = EmbeddingCodec("int8", calibrate(sample, "int8"))
+    # Phase 2: float32 corpus, the full one if it fits, else a subset with times scaled to n.
+    fp32_docs = _fp32_docs(n, dim, args)
+    floats = np.empty((fp32_docs, dim), dtype=np.float32)
+    for start, x in _doc_chunks(fp32_docs, dim, args.seed):
+        floats[start : start + len(x)] = x
+    float_docs = Codes("float32", floats, dim)
+    results["rss_gib"]["after float32 corpus"] = round(_rss_gib(), 2)
+    results["settings"]["fp32_docs_measured"] = fp32_docs
+    for backend in backends:
+        recorder.record("float32", backend, 4 * dim, 4 * dim * n, lambda s, b=backend: search(queries[s], float_docs, k, backend=b), fp32_docs)
+    sub_bits = binary_docs.slice(0, fp32_docs)
+    for backend in backends:
+        recorder.record(
+            f"binary -> float32 rescore (x{args.rescore_multiplier})",
+            backend,
+            binary_docs.nbytes_per_vector + 4 * dim,
+            binary_docs.data.nbytes + 4 * dim * n,
+            lambda s, b=backend: search_rescored(queries[s], sub_bits, float_docs, k, rescore_multiplier=args.rescore_multiplier, backend=b),
+            fp32_docs,
+        )
+    if fp32_docs == n:
+        recorder.overlaps_with("float32/numpy")
+    results["points"] = [asdict(p) for p in recorder.points]
+    results["peak_rss_gib"] = round(_peak_rss_gib(), 2)
+    results["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    text = json.dumps(results, indent=2)
+    print(text)
+    print()
+    print(markdown_table(results))
+    if args.results:
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.results).write_text(text + "\n")
+    if args.plot:
+        plot_search(results, Path(args.plot))
+    return 0
+
+
+def _binary_and_int8_phase(args: argparse.Namespace, queries: np.ndarray, recorder: _Recorder, backends: tuple[str, ...], results: dict) -> Codes:
+    """Encode the corpus to ubinary and int8 with jev4's codecs, time the binary/int8 methods; return the binary codes."""
+    from jev4.quant.embeddings import EmbeddingCodec, calibrate
+
+    n, dim, k = args.docs, args.dim, args.k
+    int8_codec = EmbeddingCodec("int8", calibrate(next(_doc_chunks(min(n, _GEN_CHUNK), dim, args.seed))[1], "int8"))
     bin_codec = EmbeddingCodec("ubinary")
-    del sample
     bits = np.empty((n, -(-dim // 8)), dtype=np.uint8)
     int8 = np.empty((n, dim), dtype=np.int8)
     t0 = time.perf_counter()
@@ -193,82 +261,20 @@ def run_search_bench(args: argparse.Namespace) -> int:
     q_int8 = Codes("int8", int8_codec.encode(queries), dim)
     results["rss_gib"]["after binary+int8 corpora"] = round(_rss_gib(), 2)
 
-    def record(name: str, backend: str, bytes_per_doc: int, corpus_bytes: int, run: Callable[[slice], SearchResult]) -> None:
-        log.info("timing %s (%s) ...", name, backend)
-        latencies, batch_s, result = _time_method(run, nq, n_latency)
-        point = _point(name, backend, n, bytes_per_doc, corpus_bytes, latencies, batch_s, nq)
-        point.planted_hit_at_k = float(np.mean([t in row for t, row in zip(targets, result.indices)]))
-        points.append(point)
-        tops[f"{name}/{backend}"] = result.indices
-        log.info("  p50 %.1f ms, batch %.1f ms/query, %.1f q/s", point.p50_ms, point.batch_ms_per_query, point.queries_per_s)
-
-    bin_bytes, int8_bytes = bits.nbytes, int8.nbytes
-    record("binary (Hamming)", "numpy", bits.shape[1], bin_bytes, lambda s: search(q_bits.slice(s.start, s.stop), binary_docs, k))
-    if use_faiss:
-        record("binary (Hamming)", "faiss", bits.shape[1], bin_bytes, lambda s: search(q_bits.slice(s.start, s.stop), binary_docs, k, backend="faiss"))
-    record("int8 x int8 (exact int32)", "numpy", dim, int8_bytes, lambda s: search(q_int8.slice(s.start, s.stop), int8_docs, k))
-    record("float query x int8", "numpy", dim, int8_bytes, lambda s: search(queries[s], int8_docs, k))
-    for backend in ("numpy", "faiss") if use_faiss else ("numpy",):
-        record(
+    for backend in backends:
+        recorder.record("binary (Hamming)", backend, bits.shape[1], bits.nbytes, lambda s, b=backend: search(q_bits.slice(s.start, s.stop), binary_docs, k, backend=b))
+    recorder.record("int8 x int8 (exact int32)", "numpy", dim, int8.nbytes, lambda s: search(q_int8.slice(s.start, s.stop), int8_docs, k))
+    recorder.record("float query x int8", "numpy", dim, int8.nbytes, lambda s: search(queries[s], int8_docs, k))
+    for backend in backends:
+        recorder.record(
             f"binary -> int8 rescore (x{args.rescore_multiplier})",
             backend,
             bits.shape[1] + dim,
-            bin_bytes + int8_bytes,
+            bits.nbytes + int8.nbytes,
             lambda s, b=backend: search_rescored(queries[s], binary_docs, int8_docs, k, rescore_multiplier=args.rescore_multiplier, backend=b),
         )
     results["rss_gib"]["after binary+int8 methods (peak so far)"] = round(_peak_rss_gib(), 2)
-    del int8_docs, int8
-
-    # Phase 2: float32 corpus, the full one if it fits, else a subset with times scaled to n.
-    fp32_docs = _fp32_docs(n, dim, args)
-    scale = n / fp32_docs
-    floats = np.empty((fp32_docs, dim), dtype=np.float32)
-    for start, x in _doc_chunks(fp32_docs, dim, args.seed):
-        floats[start : start + len(x)] = x
-    float_docs = Codes("float32", floats, dim)
-    results["rss_gib"]["after float32 corpus"] = round(_rss_gib(), 2)
-    results["settings"]["fp32_docs_measured"] = fp32_docs
-
-    def record_fp32(name: str, backend: str, bytes_per_doc: int, corpus_bytes_full: int, run: Callable[[slice], SearchResult]) -> None:
-        log.info("timing %s (%s) on %d docs ...", name, backend, fp32_docs)
-        latencies, batch_s, result = _time_method(run, nq, n_latency)
-        point = _point(name, backend, n, bytes_per_doc, corpus_bytes_full, latencies, batch_s, nq, scale=scale, scaled_from=fp32_docs if fp32_docs != n else None)
-        point.planted_hit_at_k = float(np.mean([t in row for t, row in zip(targets, result.indices)]))
-        points.append(point)
-        if fp32_docs == n:
-            tops[f"{name}/{backend}"] = result.indices
-        log.info("  p50 %.1f ms, batch %.1f ms/query, %.1f q/s (scaled x%.2f)", point.p50_ms, point.batch_ms_per_query, point.queries_per_s, scale)
-
-    record_fp32("float32", "numpy", 4 * dim, 4 * dim * n, lambda s: search(queries[s], float_docs, k))
-    if use_faiss:
-        record_fp32("float32", "faiss", 4 * dim, 4 * dim * n, lambda s: search(queries[s], float_docs, k, backend="faiss"))
-    sub_bits = binary_docs if fp32_docs == n else binary_docs.slice(0, fp32_docs)
-    for backend in ("numpy", "faiss") if use_faiss else ("numpy",):
-        record_fp32(
-            f"binary -> float32 rescore (x{args.rescore_multiplier})",
-            backend,
-            bits.shape[1] + 4 * dim,
-            bin_bytes + 4 * dim * n,
-            lambda s, b=backend: search_rescored(queries[s], sub_bits, float_docs, k, rescore_multiplier=args.rescore_multiplier, backend=b),
-        )
-    if fp32_docs == n:
-        exact = tops["float32/numpy"]
-        for point in points:
-            got = tops[f"{point.method}/{point.backend}"]
-            point.overlap_at_k_vs_float32 = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(got, exact)]))
-    results["points"] = [asdict(p) for p in points]
-    results["peak_rss_gib"] = round(_peak_rss_gib(), 2)
-    results["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    text = json.dumps(results, indent=2)
-    print(text)
-    print()
-    print(markdown_table(results))
-    if args.results:
-        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results).write_text(text + "\n")
-    if args.plot:
-        plot_search(results, Path(args.plot))
-    return 0
+    return binary_docs
 
 
 def _fp32_docs(n: int, dim: int, args: argparse.Namespace) -> int:
@@ -308,6 +314,7 @@ def plot_search(results: dict, png: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     points = results["points"]
     labels = [f"{p['method']} [{p['backend']}]\n{p['bytes_per_doc']:,} B/doc" for p in points]
@@ -319,6 +326,8 @@ def plot_search(results: dict, png: Path) -> Path:
         for i, v in enumerate(values):
             ax.text(v, i, f" {v:,.1f}", va="center", fontsize=7)
         ax.set_xscale("log")
+        ax.set_xlim(min(values) / 1.5, max(values) * 3)  # room for the value labels
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(title, fontsize=9)
         ax.grid(True, axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(points)), labels, fontsize=7)
