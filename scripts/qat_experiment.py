@@ -1,13 +1,23 @@
 """The docs/qat.md experiment: QAT vs post-training quantization vs float, from the same tiny checkpoint.
 
-For each precision (binary, int4): (a) the float baseline before training,
-(b) PTQ: the adapter fine-tuned in float for the same steps, then its
-embeddings quantized, (c) QAT: the adapter trained through the codec, then
-quantized the same way. Everything is evaluated on the same held-out split
-of the built-in stdlib-code pairs. Writes docs/results/qat-experiment.json
-and docs/img/qat-experiment.png.
+For each seed, the built-in stdlib-code pairs are split three ways: a test
+split (``--test``, reported), a validation split (``--validation``, which
+picks each run's best checkpoint) and the rest to train on, so that the
+checkpoint choice never sees the reported queries. Then, for each arm
+(``precision`` or ``precision:both`` to quantize queries too):
 
-    python scripts/qat_experiment.py --model demo-out/tiny --steps 300
+(a) start: the untrained adapter, float and quantized;
+(b) PTQ: the adapter fine-tuned in float for ``--steps``, then quantized
+    (calibrated on the test documents, as an index would be);
+(c) QAT: the adapter trained for the same steps through the codec, then
+    quantized the same way (``--scaling rolling``: with the statistics it
+    trained with).
+
+All on the test split. The table holds the mean and standard deviation over
+seeds and the per-seed QAT - PTQ differences (paired: same split, same batch
+order). Writes docs/results/qat-experiment.json and docs/img/qat-experiment.png.
+
+    OMP_NUM_THREADS=1 python scripts/qat_experiment.py --model demo-out/tiny --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -15,12 +25,70 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from jev4.qat.data import load_split
+from jev4.model.encoder import TorchEncoder
+from jev4.qat.data import PairSplit, builtin_pairs, split_pairs
 from jev4.qat.trainer import QATSettings, evaluate_split, train
+
+METRICS = ("ndcg@10", "recall@100")
+
+
+def splits(size: int, test: int, validation: int, seed: int) -> tuple[PairSplit, list]:
+    """(train + validation split, test pairs): disjoint, seeded."""
+    first = split_pairs(builtin_pairs(size), test, seed, "stdlib-code")
+    return PairSplit(first.train[validation:], first.train[:validation], "stdlib-code"), first.held_out
+
+
+def arm_settings(base: QATSettings, arm: str) -> QATSettings:
+    precision, _, mode = arm.partition(":")
+    return replace(base, precision=precision, quantize=mode or "docs")
+
+
+def run_seed(base: QATSettings, arms: list[str], args: argparse.Namespace, seed: int) -> tuple[dict, dict]:
+    base = replace(base, seed=seed)
+    split, test = splits(args.data_size, args.test, args.validation, seed)
+    start_encoder = TorchEncoder.from_pretrained(base.model)
+    float_result, float_encoder = train(base, split)
+    runs = {"float fine-tune": {"history": float_result.history, "best": float_result.best}}
+    rows = {}
+    for arm in arms:
+        settings = arm_settings(base, arm)
+        start = evaluate_split(start_encoder, test, settings, settings.precision)
+        ptq = evaluate_split(float_encoder, test, settings, settings.precision)
+        qat_result, qat_encoder = train(settings, split)
+        qat = evaluate_split(qat_encoder, test, settings, settings.precision, qat_result.calibration)
+        runs[f"QAT {arm}"] = {"history": qat_result.history, "best": qat_result.best}
+        rows[arm] = {}
+        for m in METRICS:
+            rows[arm].update({
+                f"start float {m}": start[f"float/{m}"],
+                f"start quantized {m}": start[f"quantized/{m}"],
+                f"float FT {m}": ptq[f"float/{m}"],
+                f"PTQ {m}": ptq[f"quantized/{m}"],
+                f"QAT {m}": qat[f"quantized/{m}"],
+                f"QAT float {m}": qat[f"float/{m}"],
+            })
+        logging.info("seed %d %s: %s", seed, arm, json.dumps(rows[arm]))
+    return rows, runs
+
+
+def summarise(per_seed: dict[int, dict]) -> dict:
+    table = {}
+    for arm in next(iter(per_seed.values())):
+        rows = [per_seed[s][arm] for s in per_seed]
+        entry = {}
+        for key in rows[0]:
+            values = [r[key] for r in rows]
+            entry[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        for m in METRICS:
+            diffs = [r[f"QAT {m}"] - r[f"PTQ {m}"] for r in rows]
+            entry[f"QAT - PTQ {m}"] = {"mean": statistics.fmean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0, "per seed": diffs}
+        table[arm] = entry
+    return table
 
 
 def main() -> None:
@@ -28,9 +96,13 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--data-size", type=int, default=1500)
-    parser.add_argument("--held-out", type=int, default=300)
-    parser.add_argument("--precisions", default="binary,int4")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--data-size", type=int, default=3000, help="built-in pairs used (train + validation + test)")
+    parser.add_argument("--test", type=int, default=500, help="pairs reported on")
+    parser.add_argument("--validation", type=int, default=500, help="pairs that pick each run's best checkpoint")
+    parser.add_argument("--seeds", default="0,1,2", help="each seed: its own split and batch order")
+    parser.add_argument("--arms", default="binary,int4", help="precision or precision:both (queries quantized too)")
     parser.add_argument("--scaling", default="minmax")
     parser.add_argument("--multivector-weight", type=float, default=0.0, help="0: single-vector training, which is what the evaluation measures")
     parser.add_argument("--float-weight", type=float, default=1.0)
@@ -40,60 +112,56 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     base = QATSettings(
         model=args.model, adapter="retrieval", precision=None, data="stdlib-code", out=tempfile.mkdtemp() + "/x",
-        steps=args.steps, lr=args.lr, data_size=args.data_size, held_out=args.held_out, eval_every=max(args.steps // 6, 1),
-        scaling=args.scaling, multivector_weight=args.multivector_weight, float_weight=args.float_weight, progress=True,
+        steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, held_out=args.validation,
+        eval_every=max(args.steps // 6, 1), scaling=args.scaling, multivector_weight=args.multivector_weight,
+        float_weight=args.float_weight, progress=True,
     )
-    split = load_split(base.data, base.held_out, base.seed, base.data_size)
-    float_result, float_encoder = train(base, split)
-    runs = {"float-finetune": {"history": float_result.history, "best": float_result.best}}
-    table = {}
-    for precision in args.precisions.split(","):
-        ptq = evaluate_split(float_encoder, split.held_out, base, precision)
-        qat_result, qat_encoder = train(replace(base, precision=precision), split)
-        qat = evaluate_split(qat_encoder, split.held_out, base, precision)
-        start = qat_result.history[0]
-        runs[f"qat-{precision}"] = {"history": qat_result.history, "best": qat_result.best}
-        table[precision] = {
-            "before training: float": start["float/ndcg@10"],
-            "before training: quantized": start["quantized/ndcg@10"],
-            "float fine-tune: float": ptq["float/ndcg@10"],
-            "float fine-tune + PTQ": ptq["quantized/ndcg@10"],
-            "QAT: quantized": qat["quantized/ndcg@10"],
-            "QAT: float": qat["float/ndcg@10"],
-            "PTQ recall@100": ptq["quantized/recall@100"],
-            "QAT recall@100": qat["quantized/recall@100"],
-        }
-        print(precision, json.dumps(table[precision], indent=1))
-    Path(args.results).write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "table": table, "runs": runs}, indent=1) + "\n")
-    plot(runs, table, args.plot)
+    arms = args.arms.split(",")
+    per_seed, curves = {}, {}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        per_seed[seed], runs = run_seed(base, arms, args, seed)
+        curves = curves or runs  # the first seed's curves are plotted
+    table = summarise(per_seed)
+    for arm, entry in table.items():
+        print(arm, {k: round(v["mean"], 4) for k, v in entry.items()})
+    report = {"settings": {k: str(v) for k, v in vars(args).items()}, "table": table, "per_seed": per_seed, "runs": curves}
+    Path(args.results).write_text(json.dumps(report, indent=1) + "\n")
+    plot(curves, table, len(per_seed), args.plot)
 
 
-def plot(runs: dict, table: dict, path: str) -> None:
+def plot(runs: dict, table: dict, seeds: int, path: str) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 3.6), dpi=110, layout="constrained")
-    curve, bars = fig.subplots(1, 2)
-    colors = {"float-finetune": "#1a7f37", "qat-binary": "#cf222e", "qat-int4": "#8250df", "qat-ternary": "#bf8700", "qat-int8": "#0969da"}
-    for name, run in runs.items():
+    fig = Figure(figsize=(13, 3.8), dpi=110, layout="constrained")
+    curve, valid, bars = fig.subplots(1, 3)
+    palette = ["#1a7f37", "#cf222e", "#8250df", "#bf8700", "#0969da", "#57606a"]
+    for color, (name, run) in zip(palette, runs.items()):
         loss = [(h["step"], h["loss"]) for h in run["history"] if "loss" in h]
-        if loss:
-            steps, values = zip(*loss)
-            window = max(1, len(values) // 15)
-            smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
-            curve.plot(steps, smooth, color=colors.get(name, "#57606a"), label=name)
-    curve.set(xlabel="step", ylabel="loss (running mean)", title="training loss (QAT: quantized + float InfoNCE)")
+        steps, values = zip(*loss)
+        window = max(1, len(values) // 15)
+        smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+        curve.plot(steps, smooth, color=color, label=name)
+        key = "float/ndcg@10" if name == "float fine-tune" else "quantized/ndcg@10"
+        evals = [(h["step"], h[key]) for h in run["history"] if key in h]
+        valid.plot(*zip(*evals), marker="o", markersize=3, color=color, label=name + ("" if name == "float fine-tune" else " (quantized)"))
+    curve.set(xlabel="step", ylabel="loss (running mean)", title="training loss, seed 0 (QAT: quantized + float InfoNCE)")
     curve.legend(frameon=False, fontsize=8)
-    keys = ["before training: quantized", "float fine-tune + PTQ", "QAT: quantized", "float fine-tune: float"]
+    valid.set(xlabel="step", ylabel="validation nDCG@10", title="validation split (picks the checkpoint)")
+    valid.legend(frameon=False, fontsize=8)
+    keys = ["start quantized ndcg@10", "PTQ ndcg@10", "QAT ndcg@10", "float FT ndcg@10"]
     labels = ["start, quantized", "float FT + PTQ", "QAT", "float FT (float32)"]
     width = 0.8 / len(keys)
     for i, (key, label) in enumerate(zip(keys, labels)):
         xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(table))]
-        container = bars.bar(xs, [table[p][key] for p in table], width, label=label)
-        bars.bar_label(container, fmt="%.3f", fontsize=7)
+        container = bars.bar(xs, [table[a][key]["mean"] for a in table], width, yerr=[table[a][key]["std"] for a in table], capsize=2, label=label)
+        bars.bar_label(container, fmt="%.3f", fontsize=6, padding=2)
     bars.set_xticks(range(len(table)), list(table))
-    bars.set(ylabel="held-out nDCG@10", title="stdlib-code held-out split, tiny model")
-    bars.set_ylim(0, max(table[p][k] for p in table for k in keys) * 1.35)
-    bars.legend(frameon=False, fontsize=8, loc="upper left", ncols=2)
+    bars.set(ylabel="test nDCG@10", title=f"test split, mean ± sd over {seeds} seeds")
+    top = max(table[a][k]["mean"] + table[a][k]["std"] for a in table for k in keys)
+    bars.set_ylim(0, top * 1.35)
+    bars.legend(frameon=False, fontsize=7, loc="upper left", ncols=2)
+    for ax in (curve, valid, bars):
+        ax.grid(alpha=0.3)
     fig.savefig(path, metadata={"Software": None})
 
 

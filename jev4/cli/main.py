@@ -137,6 +137,12 @@ def _bench_search(args: argparse.Namespace) -> int:
     return run_search_bench(args)
 
 
+def _bench_qat(args: argparse.Namespace) -> int:
+    from jev4.qat.bench import run_qat_bench
+
+    return run_qat_bench(args)
+
+
 def _build_engine(args: argparse.Namespace) -> int:
     from jev4.export.tensorrt import EngineSettings, build_engines
 
@@ -364,6 +370,24 @@ def build_parser() -> argparse.ArgumentParser:
     search_bench.add_argument("--results", help="also write the figures to this JSON file")
     search_bench.add_argument("--plot", help="also draw them to this PNG")
     search_bench.set_defaults(handler=_bench_search)
+    qat_bench = bench_sub.add_parser("qat", help="steps/s, tokens/s and peak memory of jev4 qat training steps (GPU: bf16 + gradient checkpointing)")
+    qat_bench.add_argument("--model", required=True, help="checkpoint dir; full size: python -m jev4.bench.write_full_size DIR")
+    qat_bench.add_argument("--adapter", default="retrieval")
+    qat_bench.add_argument("--precision", choices=["binary", "ternary", "int4", "int8", "float"], default="binary")
+    qat_bench.add_argument("--quantize", choices=["docs", "both"], default="docs")
+    qat_bench.add_argument("--scaling", choices=["minmax", "rolling"], default="minmax")
+    qat_bench.add_argument("--multivector-weight", type=float, default=0.5)
+    qat_bench.add_argument("--data", default="stdlib-code", help="pairs JSONL or stdlib-code")
+    qat_bench.add_argument("--data-size", type=int)
+    qat_bench.add_argument("--device", default="cuda")
+    qat_bench.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    qat_bench.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    qat_bench.add_argument("--batches", default="8,16,32")
+    qat_bench.add_argument("--max-length", type=int, default=512)
+    qat_bench.add_argument("--warmup", type=int, default=2)
+    qat_bench.add_argument("--steps", type=int, default=10)
+    qat_bench.add_argument("--results", help="also write the figures to this JSON file")
+    qat_bench.set_defaults(handler=_bench_qat)
     return parser
 
 

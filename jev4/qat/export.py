@@ -89,8 +89,8 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
 def write_output(settings: QATSettings, result: QATResult, encoder: TorchEncoder) -> Path:
     """The tuned adapter directory (atomically), usable as ``jev4-export --adapter-dir OUT``."""
     source = source_adapter_dir(settings)
-    calibration = None
-    if settings.precision is not None:
+    calibration = result.calibration  # --scaling rolling: the statistics training converged to
+    if settings.precision is not None and calibration is None:
         # Calibrated on held-out documents embedded by the tuned model: what the served index will look like.
         split = load_split(settings.data, settings.held_out, settings.seed, settings.data_size)
         docs = _encode_eval(encoder, [p.positive for p in split.held_out], settings.adapter, "passage", settings.max_length, settings.batch_size)

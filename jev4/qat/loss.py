@@ -8,8 +8,11 @@ quantization hurts least. Scaling of the range codecs (int8, int4) comes
 from the batch itself (``minmax``) or from an exponential moving average of
 per-dim min/max over batches (``rolling``), which Jina reports to work
 better because one batch's extremes are noisy. Ternary and binary are
-centred per dim on the batch (the codec's calibrated form, ``calibrate``),
-and evaluated the same way.
+centred per dim (the codec's calibrated form, ``calibrate``): on the batch's
+median, or under ``rolling`` on a moving average of the per-dim centre,
+threshold and magnitude. Under ``rolling`` the final moving averages are the
+calibration that evaluation and the output use, so serving quantizes exactly
+as training did.
 """
 
 from __future__ import annotations
@@ -19,36 +22,119 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from jev4.quant.embeddings import RollingRange, calibrate, calibration_tensors, ste
+from jev4.quant.embeddings import Calibration, RollingRange, ste
+
+ROLLING_STATS = {"binary": ("center", "magnitude"), "ternary": ("center", "threshold", "magnitude")}
+ZERO_FRACTION = 1.0 / 3.0  # calibrate()'s default share of ternary zeros
 
 QAT_PRECISIONS = ("binary", "ternary", "int4", "int8")
 
 
+def batch_stats(x: torch.Tensor, precision: str) -> dict[str, torch.Tensor]:
+    """Per-dim ``center`` (median), ``threshold`` (ternary) and ``magnitude`` of a batch [N, D], in torch.
+
+    The same statistics as ``calibrate(x, precision)`` (linear-interpolated
+    quantiles, as numpy's), computed on the batch's device without a copy to
+    numpy (nor its small-sample warning, which a batch always triggers).
+    """
+    x = x.detach().float()
+    center = torch.quantile(x, 0.5, dim=0)
+    dist = (x - center).abs()
+    if precision == "binary":
+        return {"center": center, "magnitude": dist.mean(dim=0)}
+    threshold = torch.quantile(dist, ZERO_FRACTION, dim=0)
+    nonzero = dist > threshold
+    count = nonzero.sum(dim=0)
+    magnitude = torch.where(count > 0, (dist * nonzero).sum(dim=0) / count.clamp(min=1), threshold)
+    return {"center": center, "threshold": threshold, "magnitude": magnitude}
+
+
+class RollingStats:
+    """Exponential moving average of a batch's binary/ternary statistics (``RollingRange``'s twin).
+
+    ``--scaling rolling`` for the sign codecs: the centre, threshold and
+    magnitude follow the training distribution instead of jumping with each
+    batch's median; the final state is the calibration the output ships.
+    """
+
+    def __init__(self, precision: str, dim: int, momentum: float = 0.99) -> None:
+        self.precision, self.dim, self.momentum = precision, int(dim), float(momentum)
+        self.count = 0
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def update(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch = batch_stats(x, self.precision)
+        if not self.stats:
+            self.stats = {k: v.clone() for k, v in batch.items()}
+        else:
+            m = self.momentum
+            self.stats = {k: self.stats[k].to(v.device) * m + v * (1.0 - m) for k, v in batch.items()}
+        self.count += 1
+        return self.stats
+
+    def to_json(self) -> dict:
+        arrays = {k: v.detach().cpu().double().tolist() for k, v in self.stats.items()}
+        return {"precision": self.precision, "dim": self.dim, "momentum": self.momentum, "count": self.count, **arrays}
+
+    @classmethod
+    def from_json(cls, data: dict, device: torch.device | str | None = None) -> RollingStats:
+        state = cls(data["precision"], data["dim"], data["momentum"])
+        state.count = int(data["count"])
+        state.stats = {k: torch.tensor(data[k], dtype=torch.float32, device=device) for k in ROLLING_STATS[state.precision] if k in data}
+        return state
+
+    def to_calibration(self) -> Calibration:
+        arrays = {k: v.detach().cpu().float().numpy() for k, v in self.stats.items()}
+        extra = {"zero_fraction": ZERO_FRACTION} if self.precision == "ternary" else {}
+        return Calibration(self.precision, "rolling", self.dim, **arrays, **extra)
+
+
 @dataclass
 class Quantizer:
-    """Fake-quantizes embeddings for the loss, keeping rolling ranges per dim when asked."""
+    """Fake-quantizes embeddings for the loss, keeping rolling statistics per output and dim when asked."""
 
     precision: str | None  # None: plain float fine-tuning (the post-training-quantization baseline)
     scaling: str = "minmax"
     momentum: float = 0.99
-    rolling: dict[str, RollingRange] = field(default_factory=dict)
+    rolling: dict[str, RollingRange | RollingStats] = field(default_factory=dict)
 
     def __call__(self, x: torch.Tensor, kind: str = "single") -> torch.Tensor:
-        """Fake-quantize ``x`` [N, D]; ``kind`` ("single"/"multi") keeps separate rolling ranges per output."""
+        """Fake-quantize ``x`` [N, D]; ``kind`` ("single"/"multi") keeps separate rolling statistics per output."""
         if self.precision is None:
             return x
-        if self.precision in ("binary", "ternary"):
-            # Centred per dim on the batch (binary: the sign of x - median). Mean-pooled embeddings share a
-            # large common direction, so plain signs are nearly the same for every document and the
-            # straight-through gradient cannot flip them: binary QAT without centring did not learn at all.
-            cal = calibrate(x.detach().float().cpu().numpy(), self.precision)
-            return ste(x, self.precision, **calibration_tensors(cal, device=x.device))
+        key = f"{kind}/{x.shape[-1]}"
+        if self.precision in ROLLING_STATS:
+            # Centred per dim (binary: the sign of x - median, the codec's calibrated form). Mean-pooled
+            # embeddings share a large common direction, so plain signs are nearly the same for every
+            # document and the straight-through gradient cannot flip them: binary QAT without centring
+            # did not learn at all.
+            if self.scaling == "rolling":
+                stats = self.rolling.setdefault(key, RollingStats(self.precision, x.shape[-1], self.momentum)).update(x)
+            else:
+                stats = batch_stats(x, self.precision)
+            return ste(x, self.precision, **stats)
         if self.scaling == "rolling":
-            state = self.rolling.setdefault(f"{kind}/{x.shape[-1]}", RollingRange(x.shape[-1], self.momentum))
+            state = self.rolling.setdefault(key, RollingRange(x.shape[-1], self.momentum))
             lower, upper = state.update(x.detach())
         else:
             lower, upper = x.detach().float().amin(dim=0), x.detach().float().amax(dim=0)
         return ste(x, self.precision, lower, upper)
+
+    def calibration(self, kind: str, dim: int) -> Calibration | None:
+        """What training quantized against, as a codec calibration: the rolling state (None under minmax)."""
+        state = self.rolling.get(f"{kind}/{dim}") if self.scaling == "rolling" else None
+        if isinstance(state, RollingStats):
+            return state.to_calibration() if state.stats else None
+        return state.to_calibration(self.precision) if state is not None and state.lower is not None else None
+
+    def state_json(self) -> dict:
+        return {key: state.to_json() for key, state in self.rolling.items()}
+
+    def load_state_json(self, data: dict, device: torch.device | str | None = None) -> None:
+        self.rolling = {
+            key: RollingStats.from_json(value, device) if "precision" in value else RollingRange.from_json(value, device=device)
+            for key, value in data.items()
+        }
 
 
 def info_nce(queries: torch.Tensor, documents: torch.Tensor, temperature: float) -> torch.Tensor:

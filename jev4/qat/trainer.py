@@ -30,7 +30,7 @@ from jev4.model.lora import MultiTaskLoRALinear
 from jev4.model.preprocess import load_image, text_prefix
 from jev4.qat.data import Item, Pair, PairSplit, load_split
 from jev4.qat.loss import QAT_PRECISIONS, Quantizer, maxsim_loss, qat_loss
-from jev4.quant.embeddings import EmbeddingCodec, calibrate
+from jev4.quant.embeddings import Calibration, EmbeddingCodec, calibrate
 from jev4.validate.metrics import retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class QATResult:
     history: list[dict] = field(default_factory=list)  # {"step", "loss"} and eval rows {"step", "ndcg@10", ...}
     best: dict = field(default_factory=dict)
     out: Path | None = None
+    calibration: Calibration | None = None  # --scaling rolling: the statistics the best adapter was evaluated with
 
 
 def lora_modules(encoder: TorchEncoder) -> dict[str, MultiTaskLoRALinear]:
@@ -169,16 +170,19 @@ def _encode_eval(encoder: TorchEncoder, items: list[Item], task: str, prompt: st
     return torch.cat(parts).float().cpu().numpy()
 
 
-def quantized_metrics(queries: np.ndarray, documents: np.ndarray, precision: str | None, quantize_queries: bool) -> dict[str, float]:
+def quantized_metrics(
+    queries: np.ndarray, documents: np.ndarray, precision: str | None, quantize_queries: bool, calibration: Calibration | None = None
+) -> dict[str, float]:
     """Retrieval metrics (query i's positive is document i) with the documents (and queries) through the codec.
 
-    Every codec is calibrated on the documents (binary: centred per dim), as
-    a post-training quantization of the same index would be.
+    Without a ``calibration`` every codec is calibrated on the documents
+    (binary: centred per dim), as a post-training quantization of the same
+    index would be; ``--scaling rolling`` passes the statistics training used.
     """
     qrels = [{i: 1.0} for i in range(len(queries))]
     if precision is None:
         return retrieval_metrics(queries @ documents.T, qrels)
-    cal = calibrate(documents, precision)  # binary too: centred per dim, as in training
+    cal = calibration if calibration is not None else calibrate(documents, precision)  # binary too: centred per dim, as in training
     codec = EmbeddingCodec(precision, cal)
     docs = codec.decode(codec.encode(documents))
     q = codec.decode(codec.encode(queries)) if quantize_queries else queries
@@ -186,13 +190,15 @@ def quantized_metrics(queries: np.ndarray, documents: np.ndarray, precision: str
     return retrieval_metrics(q @ docs.T, qrels)
 
 
-def evaluate_split(encoder: TorchEncoder, pairs: list[Pair], settings: QATSettings, precision: str | None) -> dict[str, float]:
-    """nDCG@10 etc. on the held-out pairs: float, and through ``precision`` when given."""
+def evaluate_split(
+    encoder: TorchEncoder, pairs: list[Pair], settings: QATSettings, precision: str | None, calibration: Calibration | None = None
+) -> dict[str, float]:
+    """nDCG@10 etc. on the held-out pairs: float, and through ``precision`` when given (``calibration``: see quantized_metrics)."""
     q = _encode_eval(encoder, [p.query for p in pairs], settings.adapter, "query", settings.max_length, settings.batch_size)
     d = _encode_eval(encoder, [p.positive for p in pairs], settings.adapter, "passage", settings.max_length, settings.batch_size)
     result = {f"float/{k}": v for k, v in quantized_metrics(q, d, None, False).items()}
     if precision is not None:
-        result.update({f"quantized/{k}": v for k, v in quantized_metrics(q, d, precision, settings.quantize == "both").items()})
+        result.update({f"quantized/{k}": v for k, v in quantized_metrics(q, d, precision, settings.quantize == "both", calibration).items()})
     return result
 
 
@@ -233,7 +239,7 @@ def _save_state(settings: QATSettings, step: int, encoder: TorchEncoder, index: 
         "step": step,
         "history": result.history,
         "best": {k: v for k, v in best.items() if k != "tensors"},
-        "rolling": {key: r.to_json() for key, r in quantizer.rolling.items()},
+        "rolling": quantizer.state_json(),
         "settings": asdict(settings),
     }
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
@@ -242,8 +248,6 @@ def _save_state(settings: QATSettings, step: int, encoder: TorchEncoder, index: 
 
 
 def _load_state(settings: QATSettings, encoder: TorchEncoder, index: int, optimizer: torch.optim.Optimizer, params, quantizer: Quantizer, result: QATResult) -> tuple[int, dict]:
-    from jev4.quant.embeddings import RollingRange
-
     root = settings.state_dir
     meta = json.loads((root / "state.json").read_text())
     _load_trained(encoder, index, load_file(str(root / "lora.safetensors")))
@@ -255,7 +259,7 @@ def _load_state(settings: QATSettings, encoder: TorchEncoder, index: int, optimi
                 "exp_avg": moments[f"{i}.exp_avg"].to(p.device),
                 "exp_avg_sq": moments[f"{i}.exp_avg_sq"].to(p.device),
             }
-    quantizer.rolling = {key: RollingRange.from_json(r, device=settings.device) for key, r in meta["rolling"].items()}
+    quantizer.load_state_json(meta["rolling"], settings.device)
     result.history = meta["history"]
     best = dict(meta["best"])
     if (root / "best.safetensors").is_file():
@@ -264,10 +268,21 @@ def _load_state(settings: QATSettings, encoder: TorchEncoder, index: int, optimi
     return int(meta["step"]), best
 
 
-def train(settings: QATSettings, split: PairSplit | None = None) -> tuple[QATResult, TorchEncoder]:
-    """Run QAT; returns the history and the encoder holding the best adapter (not yet written)."""
+@dataclass
+class TrainingState:
+    """What one training step needs: the encoder with its trainable LoRA, the optimizer and the quantizer."""
+
+    encoder: TorchEncoder
+    params: list[torch.nn.Parameter]
+    index: int  # the trained task's slice of the stacked LoRA tensors
+    optimizer: torch.optim.Optimizer
+    quantizer: Quantizer
+    dims: tuple[int, ...]  # full size first, then the Matryoshka dims in the loss
+
+
+def prepare(settings: QATSettings) -> TrainingState:
+    """Load the model, freeze all but the task's LoRA, and build the optimizer and quantizer."""
     torch.manual_seed(settings.seed)
-    split = split or load_split(settings.data, settings.held_out, settings.seed, settings.data_size)
     encoder = TorchEncoder.from_pretrained(settings.model, dtype=settings.dtype, device=settings.device, adapter_dir=settings.adapter_dir)
     params = freeze_all_but(encoder, settings.adapter)
     index = encoder.selector.tasks.index(settings.adapter)
@@ -281,6 +296,41 @@ def train(settings: QATSettings, split: PairSplit | None = None) -> tuple[QATRes
     dims = tuple(sorted({encoder.config.hidden_size, *settings.matryoshka_dims}, reverse=True))
     for d in dims:
         encoder.config.check_truncate_dim(d)
+    return TrainingState(encoder, params, index, optimizer, quantizer, dims)
+
+
+def train_step(state: TrainingState, settings: QATSettings, rows: list[Pair], step: int = 0) -> float:
+    """One optimizer step on ``rows``; returns the loss."""
+    encoder, quantizer = state.encoder, state.quantizer
+    queries, query_tokens, query_mask = embed(encoder, [p.query for p in rows], settings.adapter, "query", settings.max_length)
+    doc_items = [p.positive for p in rows] + [p.negative for p in rows if p.negative is not None]
+    documents, doc_tokens, doc_mask = embed(encoder, doc_items, settings.adapter, "passage", settings.max_length)
+    both = settings.quantize == "both"
+    loss = qat_loss(queries, documents, quantizer, both, settings.temperature, state.dims)
+    if settings.float_weight and settings.precision is not None:
+        loss = loss + settings.float_weight * qat_loss(queries, documents, Quantizer(None), False, settings.temperature, state.dims)
+    if settings.multivector_weight:
+        multi = maxsim_loss(query_tokens, query_mask, doc_tokens, doc_mask, quantizer, both, settings.temperature)
+        loss = loss + settings.multivector_weight * multi
+    value = float(loss.item())
+    if not math.isfinite(value):
+        raise QATError(f"step {step}: loss is {value} (lower --lr?)")
+    state.optimizer.zero_grad(set_to_none=True)
+    # Checkpointed layers re-run in backward, after compute()'s per-batch task selection has ended:
+    # one label for the whole batch keeps the task's LoRA selected there.
+    with encoder.selector.select([settings.adapter], settings.device):
+        loss.backward()
+    mask_other_tasks(state.params, state.index)
+    state.optimizer.step()
+    return value
+
+
+def train(settings: QATSettings, split: PairSplit | None = None) -> tuple[QATResult, TorchEncoder]:
+    """Run QAT; returns the history and the encoder holding the best adapter (not yet written)."""
+    split = split or load_split(settings.data, settings.held_out, settings.seed, settings.data_size)
+    state = prepare(settings)
+    encoder, params, index, optimizer, quantizer = state.encoder, state.params, state.index, state.optimizer, state.quantizer
+    hidden = encoder.config.hidden_size
     result = QATResult()
     start, best = 0, {}
     if settings.resume and (settings.state_dir / "state.json").is_file():
@@ -296,38 +346,25 @@ def train(settings: QATSettings, split: PairSplit | None = None) -> tuple[QATRes
         steps = tqdm(steps, desc=f"qat {settings.precision or 'float'}", unit="step", initial=start, total=settings.steps)
     for step in steps:
         rows = [split.train[i] for i in batch_indices(step, settings.batch_size, len(split.train), settings.seed)]
-        queries, query_tokens, query_mask = embed(encoder, [p.query for p in rows], settings.adapter, "query", settings.max_length)
-        doc_items = [p.positive for p in rows] + [p.negative for p in rows if p.negative is not None]
-        documents, doc_tokens, doc_mask = embed(encoder, doc_items, settings.adapter, "passage", settings.max_length)
-        both = settings.quantize == "both"
-        loss = qat_loss(queries, documents, quantizer, both, settings.temperature, dims)
-        if settings.float_weight and settings.precision is not None:
-            loss = loss + settings.float_weight * qat_loss(queries, documents, Quantizer(None), False, settings.temperature, dims)
-        if settings.multivector_weight:
-            multi = maxsim_loss(query_tokens, query_mask, doc_tokens, doc_mask, quantizer, both, settings.temperature)
-            loss = loss + settings.multivector_weight * multi
-        if not math.isfinite(loss.item()):
-            raise QATError(f"step {step}: loss is {loss.item()} (lower --lr?)")
-        optimizer.zero_grad(set_to_none=True)
-        # Checkpointed layers re-run in backward, after compute()'s per-batch task selection has ended:
-        # one label for the whole batch keeps the task's LoRA selected there.
-        with encoder.selector.select([settings.adapter], settings.device):
-            loss.backward()
-        mask_other_tasks(params, index)
-        optimizer.step()
-        result.history.append({"step": step + 1, "loss": float(loss.item())})
+        loss = train_step(state, settings, rows, step)
+        result.history.append({"step": step + 1, "loss": loss})
         if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
             encoder.network.eval()
-            metrics = evaluate_split(encoder, split.held_out, settings, settings.precision)
+            calibration = quantizer.calibration("single", hidden)  # rolling: what training quantized against
+            metrics = evaluate_split(encoder, split.held_out, settings, settings.precision, calibration)
             encoder.network.train()
             key = "quantized/ndcg@10" if settings.precision else "float/ndcg@10"
             result.history.append({"step": step + 1, **metrics})
-            log.info("step %d: loss %.4f, %s", step + 1, loss.item(), ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("ndcg@10")))
+            log.info("step %d: loss %.4f, %s", step + 1, loss, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("ndcg@10")))
             if not best or metrics[key] > best["score"]:
                 best = {"step": step + 1, "score": metrics[key], "metric": key, "metrics": metrics, "tensors": _trained_tensors(encoder, index)}
+                if calibration is not None:
+                    best["calibration"] = calibration.to_json()
             _save_state(settings, step + 1, encoder, index, optimizer, params, quantizer, result, best)
     if best.get("tensors"):
         _load_trained(encoder, index, best["tensors"])
     encoder.network.eval()
-    result.best = {k: v for k, v in best.items() if k != "tensors"}
+    if best.get("calibration"):
+        result.calibration = Calibration.from_json(best["calibration"])
+    result.best = {k: v for k, v in best.items() if k not in ("tensors", "calibration")}
     return result, encoder
