@@ -88,3 +88,28 @@ def test_settings_are_checked():
     with pytest.raises(ValueError, match="--tiny"):
         FastPathSettings(device="cpu")
     assert main(["bench", "fast-path", "--device", "cpu", "--out", "unused"]) == 2  # one clear line, exit code 2
+
+
+def test_export_only_then_reuse(tmp_path, caplog):
+    """A graph exported ahead (--export-only) is reused by the timing run; another spec's graph is not."""
+    import logging
+
+    pytest.importorskip("onnxruntime")
+    from jev4.bench.gpu_fast_path import export_fp16_graph
+    from jev4.model.config import parse_config
+    from jev4.model.synthetic import full_size_config
+    from jev4.model.tiny import TinySpec
+
+    work = tmp_path / "graph"
+    assert main(["bench", "fast-path", "--device", "cpu", "--tiny", "--export-only", "--workdir", str(work)]) == 0
+    graph = work / "language.onnx"
+    stamp = graph.stat().st_mtime_ns
+    spec = TinySpec()
+    with caplog.at_level(logging.INFO, logger="jev4.bench.gpu_fast_path"):
+        timings = export_fp16_graph(spec, parse_config(full_size_config(spec)), work)
+    assert timings["ort_export_reused"] == 1.0 and timings["onnx_bytes"] > 0
+    assert graph.stat().st_mtime_ns == stamp and "reusing" in caplog.text
+    (work / "export-spec.json").write_text("{}")  # a different spec: exported again
+    timings = export_fp16_graph(spec, parse_config(full_size_config(spec)), work)
+    assert timings["ort_export_reused"] == 0.0 and graph.stat().st_mtime_ns != stamp
+    assert main(["bench", "fast-path", "--device", "cpu", "--tiny", "--export-only", "--out", "x"]) == 2  # no --workdir
