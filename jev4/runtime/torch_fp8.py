@@ -35,11 +35,17 @@ to 2^-4 relative, on both operands); tests bound it at 6%. Across the
 network, the tiny model's mean single-vector cosine to the fp32 reference is
 0.998 for every task (tests/runtime/test_torch_fp8.py; bar 0.99).
 
-Speed caveat: in eager mode each call quantizes its input with a few
-elementwise passes (max |x|, multiply, clamp, cast), and q/k/v each quantize
-the same input. For short K (2048) that memory traffic is comparable to the
-FP8 GEMM itself; ``torch.compile`` fuses it into one pass
-(``load_quantized(..., compile=True)``, bench mode ``torch-fp8-compile``).
+Speed: in eager mode each call quantizes its input with a few elementwise
+passes (max |x|, multiply, clamp, cast), and q/k/v (and gate/up) each
+quantized the same input. On an H100 that made the eager FP8 network slower
+than bf16 (70k vs 77k tokens/s at 32 x 512, docs/benchmarks.md). Two
+remedies, both on by default: layers that read the same input tensor share
+one quantization of it (``share_input_quantization``: q/k/v once instead of
+three times, gate/up once instead of twice), and on CUDA the quantizer is
+``torch.compile``d on its own (``fused_quantizer``: one fused kernel for the
+row max, scale and cast instead of five launches; compiling that small
+function takes seconds, unlike compiling the whole model, which is
+``load_quantized(..., compile=True)`` / bench mode ``torch-fp8-compile``).
 
 On CPU torch runs ``_scaled_mm`` too (slowly): tests use it. On CUDA,
 ``check_fp8_device`` refuses GPUs below compute capability 8.9 with the GPU's
@@ -49,6 +55,7 @@ name and capability in the message.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -95,7 +102,9 @@ class FP8Settings:
     include: tuple[str, ...] = DEFAULT_INCLUDE
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     use_fast_accum: bool = True
-    version: int = 1
+    share_input_quantization: bool = True  # q/k/v (gate/up) quantize their common input once
+    fused_quantizer: bool = True  # CUDA: torch.compile the activation quantizer into one kernel
+    version: int = 2
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -147,13 +156,60 @@ def quantize_activation(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor
     return scaled.to(FP8_DTYPE).contiguous(), inv.float().reciprocal().contiguous()
 
 
+class InputQuantizer:
+    """Quantizes a layer's input; layers given the same instance share one quantization of the same tensor.
+
+    Sharing: q_proj, k_proj and v_proj are called one after the other on the
+    same ``hidden_states`` object, so the second and third calls find it
+    (same object, same in-place version counter outside inference mode) and reuse its FP8 copy. The
+    cache holds one entry and is bypassed under ``torch.compile`` tracing
+    (the compiler fuses and deduplicates by itself).
+    """
+
+    def __init__(self, granularity: str, quantize: Callable = quantize_activation, share: bool = True) -> None:
+        self.granularity = granularity
+        self.share = share
+        self._quantize = quantize
+        self._key: tuple | None = None
+        self._value: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.hits = 0
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        if not self.share or torch.compiler.is_compiling():
+            return self._quantize(flat, self.granularity)
+        # Inference-mode tensors keep no version counter; there the key is the object alone, which is
+        # safe for what shares a quantizer: sibling layers called by one parent on its unchanged input.
+        key = (x, None if x.is_inference() else x._version, dtype)
+        if self._key is not None and self._key[0] is x and self._key[1:] == key[1:]:
+            self.hits += 1
+            return self._value
+        self._key, self._value = None, None  # drop the old entry before computing the new one
+        value = self._quantize(flat, self.granularity)
+        self._key, self._value = key, value
+        return value
+
+    def clear(self) -> None:
+        """Forget the cached input (it holds a reference to the last activation)."""
+        self._key = self._value = None
+
+
 class FP8Linear(nn.Module):
     """``y = x W^T + b`` with ``W`` stored in E4M3 and ``x`` quantized per call; one ``torch._scaled_mm``.
 
     Buffers, not parameters: the layer is inference-only.
     """
 
-    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype, granularity: str, use_fast_accum: bool):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+        granularity: str,
+        use_fast_accum: bool,
+        quantizer: InputQuantizer | None = None,
+    ):
         super().__init__()
         if weight.dtype != FP8_DTYPE or weight.dim() != 2:
             raise QuantizationError(f"FP8Linear needs a 2-D {FP8_DTYPE} weight, got {weight.dtype} {tuple(weight.shape)}")
@@ -161,14 +217,15 @@ class FP8Linear(nn.Module):
         self.granularity = granularity
         self.use_fast_accum = use_fast_accum
         self.out_dtype = out_dtype
+        self.quantizer = quantizer or InputQuantizer(granularity, share=False)
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", weight_scale.float())
         self.register_buffer("bias", bias.detach().to(out_dtype) if bias is not None else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, granularity: str = "row", use_fast_accum: bool = True) -> FP8Linear:
+    def from_linear(cls, linear: nn.Linear, granularity: str = "row", use_fast_accum: bool = True, quantizer: InputQuantizer | None = None) -> FP8Linear:
         weight, scale = quantize_weight(linear.weight, granularity)
-        return cls(weight, scale, linear.bias, linear.weight.dtype, granularity, use_fast_accum)
+        return cls(weight, scale, linear.bias, linear.weight.dtype, granularity, use_fast_accum, quantizer)
 
     def dequantized_weight(self) -> torch.Tensor:
         """``W`` as the GEMM sees it, in fp32 (for tests and error analysis)."""
@@ -179,7 +236,7 @@ class FP8Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise RuntimeError(f"FP8Linear expects {self.in_features} input features, got {x.shape[-1]}")
         lead = x.shape[:-1]
-        xq, x_scale = quantize_activation(x.reshape(-1, self.in_features).to(self.out_dtype), self.granularity)
+        xq, x_scale = self.quantizer(x, self.out_dtype)
         out = torch._scaled_mm(
             xq,
             self.weight.t(),  # [K, N] column-major, as the kernels want
@@ -232,6 +289,11 @@ def quantize_model_fp8(network: nn.Module, settings: FP8Settings = FP8Settings()
     if not chosen:
         raise QuantizationError(f"no nn.Linear layer matches include={settings.include} outside exclude={settings.exclude}")
     check_fp8_device(network.get_submodule(chosen[0]).weight.device)
+    device = network.get_submodule(chosen[0]).weight.device
+    fused = settings.fused_quantizer and device.type == "cuda"  # CPU: inductor would need a C++ toolchain
+    quantize = torch.compile(quantize_activation, dynamic=True) if fused else quantize_activation
+    # One quantizer per parent module (an attention block, an MLP): its siblings are the layers that can share an input.
+    quantizers: dict[str, InputQuantizer] = {}
     replaced, skipped = [], {}
     with torch.no_grad():
         for name in chosen:
@@ -239,7 +301,10 @@ def quantize_model_fp8(network: nn.Module, settings: FP8Settings = FP8Settings()
             if linear.in_features % _ALIGN or linear.out_features % _ALIGN:
                 skipped[name] = f"shape {linear.out_features}x{linear.in_features} is not a multiple of {_ALIGN}: kept in {linear.weight.dtype}"
                 continue
-            replace_module(network, name, FP8Linear.from_linear(linear, settings.granularity, settings.use_fast_accum))
+            parent = name.rpartition(".")[0]
+            if parent not in quantizers:
+                quantizers[parent] = InputQuantizer(settings.granularity, quantize, settings.share_input_quantization)
+            replace_module(network, name, FP8Linear.from_linear(linear, settings.granularity, settings.use_fast_accum, quantizers[parent]))
             replaced.append(name)
     for name, reason in skipped.items():
         log.warning("FP8: %s %s", name, reason)

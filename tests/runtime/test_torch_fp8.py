@@ -21,6 +21,7 @@ from jev4.runtime.torch_fp8 import (
     FP8Linear,
     FP8Settings,
     GPUCapabilityError,
+    InputQuantizer,
     QuantizationError,
     check_fp8_device,
     quantize_activation,
@@ -154,7 +155,7 @@ def test_settings_are_validated():
     with pytest.raises(QuantizationError, match="tuple of glob patterns"):
         FP8Settings(exclude="*norm*")
     data = FP8Settings().to_json()
-    assert data["scheme"] == "fp8-e4m3" and data["granularity"] == "row" and data["version"] == 1
+    assert data["scheme"] == "fp8-e4m3" and data["granularity"] == "row" and data["version"] == 2
 
 
 # ---------------------------------------------------------------- which layers
@@ -185,6 +186,45 @@ def test_replaces_exactly_the_language_model_linears(runtime_source):
     assert any(n.startswith("model.visual.") for n in untouched)
     assert not any(isinstance(m, FP8Linear) for n, m in net.named_modules() if n.startswith("model.visual") or "projector" in n)
     assert type(net.model.language_model.embed_tokens) is nn.Embedding
+
+
+def test_siblings_share_one_quantization_of_their_input(runtime_source):
+    """q/k/v (and gate/up) quantize the same hidden states once; the result is the same as quantizing per layer."""
+    from jev4.model.preprocess import text_position_ids
+
+    shared, separate = _random_tiny_network(runtime_source), _random_tiny_network(runtime_source)
+    quantize_model_fp8(shared)
+    quantize_model_fp8(separate, FP8Settings(share_input_quantization=False))
+    ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        a = shared(input_ids=ids, attention_mask=mask, position_ids=text_position_ids(mask)).hidden
+        b = separate(input_ids=ids, attention_mask=mask, position_ids=text_position_ids(mask)).hidden
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    layers = shared.model.language_model.layers
+    attention = layers[0].self_attn
+    assert attention.q_proj.quantizer is attention.k_proj.quantizer is attention.v_proj.quantizer is attention.o_proj.quantizer
+    assert layers[0].mlp.gate_proj.quantizer is layers[0].mlp.up_proj.quantizer is not attention.q_proj.quantizer
+    # per layer and forward: k and v reuse q's input, up reuses gate's; o and down have inputs of their own
+    assert attention.q_proj.quantizer.hits == 2 and layers[0].mlp.gate_proj.quantizer.hits == 1
+    assert all(layer.self_attn.q_proj.quantizer.hits == 2 for layer in layers)
+    assert separate.model.language_model.layers[0].self_attn.q_proj.quantizer.hits == 0
+
+
+def test_shared_quantization_sees_in_place_changes():
+    """The same tensor object changed in place is quantized again (the version counter is part of the key)."""
+    quantizer = InputQuantizer("row")
+    x = torch.randn(4, 32)
+    first, first_scale = quantizer(x, torch.float32)
+    x.add_(1.0)
+    second, second_scale = quantizer(x, torch.float32)
+    assert quantizer.hits == 0 and second is not first
+    assert not (torch.equal(first.float(), second.float()) and torch.equal(first_scale, second_scale))
+    third, _ = quantizer(x, torch.float32)
+    assert quantizer.hits == 1 and third is second
+    quantizer(x.clone(), torch.float32)  # equal values, another tensor: computed again
+    assert quantizer.hits == 1
 
 
 def test_same_layers_as_the_onnx_quantization_recipe(runtime_source):
