@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jev4.errors import EncodeError
+from jev4.errors import CheckpointError, EncodeError
 from jev4.model.config import JinaV4Config
 
 log = logging.getLogger(__name__)
@@ -74,15 +74,45 @@ class ModelInputs:
         return int(self.input_ids.shape[0])
 
 
+def missing_tokenizer_files(model_dir: Path) -> list[str]:
+    """The tokenizer files ``model_dir`` lacks; empty when it can build a tokenizer.
+
+    ``Qwen2Tokenizer`` needs ``tokenizer.json``, or else both ``vocab.json``
+    and ``merges.txt``. Given neither, transformers 5 does not fail: it builds
+    an empty BPE that encodes every text to zero tokens, and the first sign of
+    it is a reshape error deep inside attention. So the files are checked here.
+    """
+    directory = Path(model_dir)
+    if (directory / "tokenizer.json").is_file():
+        return []
+    pair = ("vocab.json", "merges.txt")
+    if all((directory / name).is_file() for name in pair):
+        return []
+    return [name for name in ("tokenizer.json", *pair) if not (directory / name).is_file()]
+
+
 def load_tokenizer(model_dir: Path):
     """The checkpoint's own tokenizer, right-padded; no remote code.
 
     jina-embeddings-v4 ships a ``Qwen2Tokenizer``; naming the class directly
     (not AutoTokenizer) keeps transformers from parsing config.json again.
+    Raises ``CheckpointError`` when the directory has no tokenizer files
+    (see ``missing_tokenizer_files``) instead of returning an empty tokenizer.
     """
     from transformers import Qwen2Tokenizer
 
-    tokenizer = Qwen2Tokenizer.from_pretrained(str(model_dir))
+    directory = Path(model_dir)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such directory, expected a checkpoint directory with tokenizer files")
+    missing = missing_tokenizer_files(directory)
+    if missing:
+        raise CheckpointError(
+            f"{directory}: no tokenizer files (missing {', '.join(missing)}; need tokenizer.json, or vocab.json and merges.txt, "
+            "plus tokenizer_config.json for the special tokens). Copy them from the upstream checkpoint "
+            "(huggingface-cli download jinaai/jina-embeddings-v4 tokenizer.json tokenizer_config.json vocab.json merges.txt "
+            f"--local-dir {directory}), or rewrite a random checkpoint with python -m jev4.bench.write_full_size, which writes them"
+        )
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(directory))
     tokenizer.padding_side = "right"
     if tokenizer.pad_token_id is None:
         raise EncodeError(f"{model_dir}: the tokenizer has no pad token")

@@ -1,14 +1,19 @@
 """Prompts, position ids and pooling masks: shared by every backend, so checked against transformers."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from jev4.errors import EncodeError
+from jev4.errors import CheckpointError, EncodeError
+from jev4.model.encoder import TorchEncoder
 from jev4.model.preprocess import (
     IMAGE_PROMPT,
     load_image,
+    load_tokenizer,
+    missing_tokenizer_files,
     mrope_position_ids,
     text_position_ids,
     text_prefix,
@@ -210,3 +215,52 @@ def test_load_image(tmp_path, images):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(EncodeError, match="bad.png: not a readable image"):
         load_image(tmp_path / "bad.png")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
+
+
+def copy_without_tokenizer(src, dst, keep=()):
+    """A copy of a checkpoint with every tokenizer file removed except ``keep``."""
+    shutil.copytree(src, dst)
+    for name in TOKENIZER_FILES:
+        if name not in keep:
+            (dst / name).unlink()
+    return dst
+
+
+def test_load_tokenizer_without_files_names_dir_and_files(tmp_path, tiny_dir):
+    # transformers 5 builds an empty Qwen2Tokenizer here (every text -> zero tokens) instead of failing
+    bare = copy_without_tokenizer(tiny_dir, tmp_path / "bare")
+    with pytest.raises(CheckpointError, match="no tokenizer files") as err:
+        load_tokenizer(bare)
+    message = str(err.value)
+    assert str(bare) in message
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        assert name in message
+    assert "write_full_size" in message and "jinaai/jina-embeddings-v4" in message
+
+
+def test_load_tokenizer_half_a_vocab_pair_is_missing_files(tmp_path, tiny_dir):
+    half = copy_without_tokenizer(tiny_dir, tmp_path / "half", keep=("vocab.json", "tokenizer_config.json"))
+    assert missing_tokenizer_files(half) == ["tokenizer.json", "merges.txt"]
+    with pytest.raises(CheckpointError, match=r"missing tokenizer\.json, merges\.txt"):
+        load_tokenizer(half)
+
+
+@pytest.mark.parametrize("keep", [("tokenizer.json", "tokenizer_config.json"), ("vocab.json", "merges.txt", "tokenizer_config.json")])
+def test_load_tokenizer_from_either_file_set(tmp_path, tiny_dir, keep):
+    ok = copy_without_tokenizer(tiny_dir, tmp_path / "ok", keep=keep)
+    assert missing_tokenizer_files(ok) == []
+    assert load_tokenizer(ok)("Query: hello")["input_ids"] == load_tokenizer(tiny_dir)("Query: hello")["input_ids"]
+
+
+def test_load_tokenizer_missing_dir(tmp_path):
+    with pytest.raises(CheckpointError, match="no such directory"):
+        load_tokenizer(tmp_path / "absent")
+
+
+def test_encoder_on_checkpoint_without_tokenizer_fails_early(tmp_path, tiny_dir):
+    bare = copy_without_tokenizer(tiny_dir, tmp_path / "bare")
+    with pytest.raises(CheckpointError, match="no tokenizer files"):
+        TorchEncoder.from_pretrained(bare)
