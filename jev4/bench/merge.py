@@ -25,13 +25,25 @@ EXPORTS = {
 }
 
 
+def _reusable_source(source: Path) -> bool:
+    """Whether an earlier run's checkpoint can be reused; one written before the writer added a tokenizer is rewritten."""
+    from jev4.model.preprocess import missing_tokenizer_files
+
+    if not (source / "config.json").is_file():
+        return False
+    missing = missing_tokenizer_files(source)
+    if missing:
+        log.info("%s has no tokenizer files (%s): writing it again", source, ", ".join(missing))
+    return not missing
+
+
 def run_merge_bench(args: argparse.Namespace) -> int:
     """Write the full-size source once, then time each export of ``args.exports`` in a child process."""
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     source = work / "full-size-bf16"
     results: dict = {"machine": machine_summary(), "steps": {}}
-    if not (source / "config.json").is_file():
+    if not _reusable_source(source):
         step = measure_child(python_module("jev4.bench.write_full_size", str(source)))
         results["steps"]["write random full-size checkpoint"] = step.__dict__
         if step.returncode:

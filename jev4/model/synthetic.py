@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from jev4.atomic import atomic_output_dir
+from jev4.errors import ConfigError
 from jev4.model.checkpoint import ADAPTER_DIR, old_layout_name
 from jev4.model.config import parse_config
 from jev4.model.network import JinaEmbeddingsV4, build_meta_network, build_network, linear_shapes, parse_dtype
@@ -31,13 +32,18 @@ from jev4.model.tiny import (
     tiny_config,
     write_json,
     write_processor_files,
+    write_tokenizer,
 )
 
 log = logging.getLogger(__name__)
 
 
 def full_size_config(spec: TinySpec = FULL_SIZE, vocab_size: int = FULL_SIZE_VOCAB) -> dict:
-    """config.json of the real model's shape, with the real special-token ids."""
+    """config.json of the real model's shape, with the real special-token ids.
+
+    For in-memory networks (``random_network``); ``write_random_checkpoint``
+    uses its tokenizer's ids instead (see there).
+    """
     return tiny_config(spec, vocab_size, REAL_SPECIAL_IDS)
 
 
@@ -57,21 +63,25 @@ def write_random_checkpoint(
     force: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Write config, sharded base weights (older key layout, as upstream) and all tasks' adapters."""
+    """Write a tokenizer, config, sharded base weights (older key layout, as upstream) and all tasks' adapters.
+
+    The tokenizer is the tiny checkpoint's BPE (``write_tokenizer``), because
+    encoders and ``jev4 bench qat`` need one and the real Qwen2 tokenizer
+    cannot be shipped. It is the right stand-in: the vocabulary is only a
+    range of ids, and speed depends on how many tokens a text becomes, not
+    which. config.json carries that tokenizer's special-token ids, not the
+    real ones (151643..), so that the image placeholders and vision spans it
+    emits are the ones the model looks for.
+    """
     store = parse_dtype(dtype)
     gen = torch.Generator().manual_seed(seed)
-    raw = full_size_config(spec, vocab_size)
-    meta = build_meta_network(parse_config(raw))
-    params = list(meta.named_parameters())
-    if progress:
-        from tqdm import tqdm
-
-        params = tqdm(params, desc="random weights", unit="tensor")
     with atomic_output_dir(out, force=force) as tmp:
-        writer = ShardWriter(tmp, shard_bytes)
-        for name, param in params:
-            writer.add(old_layout_name(name), _random_tensor(name, tuple(param.shape), gen, store))
-        writer.finish()
+        ids, tokens = write_tokenizer(tmp, spec)
+        if tokens > vocab_size:
+            raise ConfigError(f"{out}: vocab_size {vocab_size} is smaller than the synthetic tokenizer's {tokens} tokens")
+        raw = tiny_config(spec, vocab_size, ids)
+        meta = build_meta_network(parse_config(raw))
+        _write_base_weights(tmp, meta, gen, store, shard_bytes, progress)
         write_json(tmp / "config.json", raw)
         write_processor_files(tmp, spec)
         (tmp / ADAPTER_DIR).mkdir()
@@ -80,6 +90,21 @@ def write_random_checkpoint(
         write_json(tmp / ADAPTER_DIR / "adapter_config.json", adapter_config(spec))
     log.info("random %s checkpoint written to %s", dtype, out)
     return Path(out)
+
+
+def _write_base_weights(
+    out: Path, meta: JinaEmbeddingsV4, gen: torch.Generator, dtype: torch.dtype, shard_bytes: int, progress: bool
+) -> None:
+    """Stream one random tensor at a time into shards, so memory stays at about one shard."""
+    params = list(meta.named_parameters())
+    if progress:
+        from tqdm import tqdm
+
+        params = tqdm(params, desc="random weights", unit="tensor")
+    writer = ShardWriter(out, shard_bytes)
+    for name, param in params:
+        writer.add(old_layout_name(name), _random_tensor(name, tuple(param.shape), gen, dtype))
+    writer.finish()
 
 
 def random_network(spec: TinySpec = FULL_SIZE, dtype: str = "bf16", device: str = "cpu", seed: int = 0) -> JinaEmbeddingsV4:

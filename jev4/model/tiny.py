@@ -133,7 +133,21 @@ def train_tokenizer(spec: TinySpec):
     return tok
 
 
+def write_tokenizer(out: Path, spec: TinySpec) -> tuple[dict[str, int], int]:
+    """Train the toy BPE and write its files to ``out``; returns (special-token ids, tokenizer size).
+
+    Every synthetic checkpoint, tiny or full size, gets this tokenizer: the
+    real Qwen2 tokenizer cannot be shipped, and a model's vocabulary is only
+    a range of ids, so any tokenizer whose ids fit ``vocab_size`` drives it.
+    Writers must put the returned ids into config.json, so that the image
+    and vision-span tokens the tokenizer emits are the ones the model expects.
+    """
+    tok = train_tokenizer(spec)
+    return _tokenizer_files(tok, out), tok.get_vocab_size()
+
+
 def _tokenizer_files(tok, out: Path) -> dict[str, int]:
+    """tokenizer.json, vocab.json/merges.txt and the Qwen2 config files, as upstream ships them."""
     tok.save(str(out / "tokenizer.json"))
     tok.model.save(str(out))  # vocab.json, merges.txt
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
@@ -294,9 +308,8 @@ def write_tiny_checkpoint(
     store_dtype, lora_dtype = parse_dtype(dtype), parse_dtype(adapter_dtype)
     gen = torch.Generator().manual_seed(seed)
     with atomic_output_dir(out, force=force) as tmp:
-        tok = train_tokenizer(spec)
-        ids = _tokenizer_files(tok, tmp)
-        vocab = -(-tok.get_vocab_size() // 64) * 64
+        ids, tokens = write_tokenizer(tmp, spec)
+        vocab = -(-tokens // 64) * 64
         raw = tiny_config(spec, vocab, ids)
         config = parse_config(raw)
         with torch.device("cpu"):
