@@ -26,6 +26,13 @@ and memory do not depend on weight values):
    tokenizer is the tiny checkpoint's BPE (the real one cannot be shipped),
    which splits text into somewhat more tokens than Qwen2's; both sides use it.
 
+The torch grid modes run first, then the end-to-end comparison, and the
+``ort-fp16`` grid last: on an H100 a point too large for onnxruntime's CUDA
+EP failed with an illegal memory access that left the CUDA context unusable,
+which took every later mode down with it. ``ort-fp16`` points whose O(T^2)
+attention scores would not fit the free device memory are skipped up front
+(``ort_skip_reason``) and listed under ``failures``.
+
 ``--device cpu --tiny`` runs everything on the toy model, so that the code
 is exercised without a GPU (the numbers mean nothing). Results go to
 ``--out``: ``fast-path.json`` (all figures), ``fast-path.md`` (tables) and
@@ -70,6 +77,9 @@ GPU_PEAKS: tuple[tuple[str, float, float | None], ...] = (
     ("A100", 312.0, None),  # no FP8 tensor cores
 )
 UPSTREAM_BATCH = 8
+# Device memory an ort-fp16 point takes above baseline, per byte of one layer's fp16 attention scores.
+# Measured on an H100: batch 32 x seq 2048 (4.3 GB of scores) took 27 GiB.
+ATTENTION_MEMORY_FACTOR = 6.5
 
 
 class BenchSettingsError(Jev4Error, ValueError):
@@ -111,6 +121,45 @@ def peak_tflops(device_name: str) -> tuple[float | None, float | None]:
     return None, None
 
 
+def attention_score_bytes(batch: int, heads: int, seq: int, element_bytes: int = 2) -> int:
+    """Bytes of one layer's attention scores, batch x heads x seq x seq (fp16 by default).
+
+    The exported graph computes attention as MatMul-Softmax-MatMul, so the
+    full score matrix is materialised: O(T^2), unlike torch's fused SDPA.
+    """
+    return batch * heads * seq * seq * element_bytes
+
+
+def ort_skip_reason(batch: int, heads: int, seq: int, free_bytes: int | None, factor: float = ATTENTION_MEMORY_FACTOR) -> str | None:
+    """Why an ort-fp16 point must not run, or None when it fits (always None when ``free_bytes`` is None: CPU).
+
+    A point over the budget is not merely an out-of-memory error: on an H100,
+    128 x 2048 asked onnxruntime for a 16 GiB buffer and the CUDA EP died with
+    an illegal memory access that left the CUDA context unusable for every
+    later mode. So it is skipped before it runs. ``free_bytes`` is measured
+    while onnxruntime's arena holds what earlier points took, which makes the
+    check conservative.
+    """
+    if free_bytes is None:
+        return None
+    scores = attention_score_bytes(batch, heads, seq)
+    needed = scores * factor
+    if needed <= free_bytes:
+        return None
+    return (
+        f"skipped: O(T^2) attention scores need ~{scores / 1024**3:.1f} GiB per layer "
+        f"(x{factor:g} measured overhead = {needed / 1024**3:.1f} GiB), over the budget of {free_bytes / 1024**3:.1f} GiB free"
+    )
+
+
+def _device_free_bytes(device: torch.device) -> int | None:
+    """Free device memory (cudaMemGetInfo), or None on CPU, where nothing is skipped."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -126,6 +175,14 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _free_quietly(device: torch.device) -> None:
+    """``_free`` that only logs: after a CUDA EP crash the context may refuse every call, and the figures must still be written."""
+    try:
+        _free(device)
+    except Exception as exc:  # a sticky CUDA error surfaces as RuntimeError or AcceleratorError
+        log.warning("freeing device memory failed (CUDA context unusable?): %s", exc)
 
 
 # ---------------------------------------------------------------- grid
@@ -216,21 +273,11 @@ def _ort_points(spec, config, settings: FastPathSettings, device: torch.device, 
     for batch in settings.batches:
         for seq in settings.seqs:
             ids = rng.integers(0, 600 if settings.tiny else 150_000, size=(batch, seq)).astype(np.int64)
-            mask = np.ones((batch, seq), dtype=np.int64)
-            pos = np.ascontiguousarray(np.broadcast_to(np.arange(seq, dtype=np.int64), (3, batch, seq)))
-            binding = session.io_binding()
-            for name, value in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos), ("pooling_mask", mask)):
-                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, provider, 0))
-            for name in ("single_vector", "multi_vector"):
-                binding.bind_output(name, provider, 0)
             try:
-                times = []
-                for i in range(settings.warmup + settings.iters):
-                    t0 = time.perf_counter()
-                    session.run_with_iobinding(binding)  # returns when the outputs are ready
-                    if i >= settings.warmup:
-                        times.append(time.perf_counter() - t0)
-            except Exception as exc:  # onnxruntime raises its own types; an out-of-memory point is reported, not fatal
+                if _skip_ort_point(spec, batch, seq, device, failures):
+                    continue
+                times = _time_ort_point(session, provider, ids, settings)
+            except Exception as exc:  # onnxruntime raises its own types; a failed point is reported, not fatal
                 log.warning("ort-fp16 b=%d s=%d failed: %s", batch, seq, str(exc).splitlines()[0] if str(exc) else exc)
                 failures.append({"mode": "ort-fp16", "batch": batch, "seq": seq, "error": (str(exc).splitlines() or [repr(exc)])[0][:300]})
                 continue
@@ -239,8 +286,39 @@ def _ort_points(spec, config, settings: FastPathSettings, device: torch.device, 
             points.append(_point("ort-fp16", batch, seq, times, mem, flops, peaks["bf16"]))
             _log_point(points[-1])
     del session
-    _free(device)
+    _free_quietly(device)
     return points
+
+
+def _skip_ort_point(spec, batch: int, seq: int, device: torch.device, failures: list) -> bool:
+    """Record and skip a point whose attention scores would not fit the device (see ``ort_skip_reason``)."""
+    reason = ort_skip_reason(batch, spec.heads, seq, _device_free_bytes(device))
+    if reason is None:
+        return False
+    log.warning("ort-fp16 b=%d s=%d %s", batch, seq, reason)
+    failures.append({"mode": "ort-fp16", "batch": batch, "seq": seq, "error": reason})
+    return True
+
+
+def _time_ort_point(session, provider: str, ids: np.ndarray, settings: FastPathSettings) -> list[float]:
+    """Wall-clock seconds of each timed ``run_with_iobinding`` on one batch (inputs bound on the device once)."""
+    import onnxruntime as ort
+
+    batch, seq = ids.shape
+    mask = np.ones((batch, seq), dtype=np.int64)
+    pos = np.ascontiguousarray(np.broadcast_to(np.arange(seq, dtype=np.int64), (3, batch, seq)))
+    binding = session.io_binding()
+    for name, value in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos), ("pooling_mask", mask)):
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, provider, 0))
+    for name in ("single_vector", "multi_vector"):
+        binding.bind_output(name, provider, 0)
+    times = []
+    for i in range(settings.warmup + settings.iters):
+        t0 = time.perf_counter()
+        session.run_with_iobinding(binding)  # returns when the outputs are ready
+        if i >= settings.warmup:
+            times.append(time.perf_counter() - t0)
+    return times
 
 
 def export_fp16_graph(spec, config, work: Path) -> dict[str, float]:
@@ -338,12 +416,13 @@ def run_corpus_comparison(spec, config, settings: FastPathSettings, device: torc
     from jev4.model.network import attach_adapters, linear_shapes
     from jev4.model.preprocess import Preprocessor, load_tokenizer, text_prefix
     from jev4.model.synthetic import random_network
-    from jev4.model.tiny import TASKS, adapted_modules, write_tiny_checkpoint
+    from jev4.model.tiny import TASKS, TinySpec, adapted_modules, write_tokenizer
     from jev4.runtime.torch_fp8 import FP8Settings, quantize_model_fp8
 
     task = settings.task
     with tempfile.TemporaryDirectory(prefix="jev4-fast-path-tok-") as tmp:
-        tokenizer = load_tokenizer(write_tiny_checkpoint(Path(tmp) / "tiny", force=True))
+        write_tokenizer(Path(tmp), TinySpec())
+        tokenizer = load_tokenizer(Path(tmp))
     preprocessor = Preprocessor(config, tokenizer, None)
     texts = corpus_texts(settings.corpus_docs)
     real_tokens = sum(preprocessor.token_lengths([text_prefix(task, "passage") + t for t in texts], settings.corpus_max_length))
@@ -412,6 +491,11 @@ def run_corpus_comparison(spec, config, settings: FastPathSettings, device: torc
 # ---------------------------------------------------------------- report
 
 
+def _failure_where(failure: dict) -> str:
+    """``BxT`` of a failed point, or "all points" when a whole mode failed."""
+    return "all points" if failure["batch"] is None else f"{failure['batch']}x{failure['seq']}"
+
+
 def markdown(results: dict) -> str:
     from jev4.bench.report import encode_table
 
@@ -424,7 +508,7 @@ def markdown(results: dict) -> str:
         encode_table(results),
     ]
     if results.get("failures"):
-        lines += ["", "Points that did not run:", ""] + [f"- {f['mode']} {f['batch']}x{f['seq']}: {f['error']}" for f in results["failures"]]
+        lines += ["", "Points that did not run:", ""] + [f"- {f['mode']} {_failure_where(f)}: {f['error']}" for f in results["failures"]]
     e2e = results.get("e2e")
     if e2e:
         up, fast = e2e["upstream_style"], e2e["fp8_path"]
@@ -446,6 +530,24 @@ def markdown(results: dict) -> str:
             f"mean {e2e['fp8_vs_upstream_cosine_mean']:.4f}, min {e2e['fp8_vs_upstream_cosine_min']:.4f}.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _ort_mode(spec, config, settings: FastPathSettings, device: torch.device, peaks: dict, failures: list, timings: dict) -> list[EncodePoint]:
+    """The ort-fp16 grid; an export or session failure becomes one ``failures`` entry, so the torch figures are still written."""
+    try:
+        return _ort_points(spec, config, settings, device, peaks, failures, timings)
+    except Exception as exc:  # onnxruntime, the exporter and a broken CUDA context all raise their own types
+        log.warning("ort-fp16 mode failed: %s", exc)
+        failures.append({"mode": "ort-fp16", "batch": None, "seq": None, "error": (str(exc).splitlines() or [repr(exc)])[0][:300]})
+        return []
+
+
+def _sync_quietly(device: torch.device) -> None:
+    """``_sync`` that only logs, so that a CUDA context broken by an onnxruntime crash does not lose the results."""
+    try:
+        _sync(device)
+    except Exception as exc:  # a sticky CUDA error surfaces as RuntimeError or AcceleratorError
+        log.warning("device synchronise failed (CUDA context unusable?): %s", exc)
 
 
 def run_fast_path(settings: FastPathSettings, out: Path, force: bool = False) -> dict:
@@ -471,18 +573,19 @@ def run_fast_path(settings: FastPathSettings, out: Path, force: bool = False) ->
     points: list[EncodePoint] = []
     failures: list[dict] = []
     timings: dict[str, float] = {}
-    for mode in settings.modes:
+    for mode in (m for m in settings.modes if m != "ort-fp16"):
         started = time.perf_counter()
-        if mode == "ort-fp16":
-            points += _ort_points(spec, config, settings, device, peaks, failures, timings)
-        else:
-            points += _torch_points(spec, mode, settings, dtype, device, peaks, failures)
+        points += _torch_points(spec, mode, settings, dtype, device, peaks, failures)
         timings[f"{mode}_s"] = time.perf_counter() - started
     e2e = None
     if settings.corpus_docs:
         started = time.perf_counter()
         e2e = run_corpus_comparison(spec, config, settings, device, dtype)
         timings["e2e_s"] = time.perf_counter() - started
+    if "ort-fp16" in settings.modes:  # last: a CUDA EP crash can leave the CUDA context unusable for whatever follows
+        started = time.perf_counter()
+        points += _ort_mode(spec, config, settings, device, peaks, failures, timings)
+        timings["ort-fp16_s"] = time.perf_counter() - started
     results = {
         "title": "fast path",
         "machine": machine_summary(),
@@ -502,7 +605,7 @@ def run_fast_path(settings: FastPathSettings, out: Path, force: bool = False) ->
             "grid networks are text-only (vision tower dropped), so their memory is ~1.3 GiB (bf16) below `jev4 bench encode`'s; the e2e networks keep it",
         ],
     }
-    _sync(device)
+    _sync_quietly(device)
     with atomic_output_dir(out, force=force) as tmp:
         (tmp / "fast-path.json").write_text(json.dumps(results, indent=2) + "\n")
         (tmp / "fast-path.md").write_text(markdown(results))

@@ -9,7 +9,10 @@ import json
 
 import pytest
 
-from jev4.bench.gpu_fast_path import FastPathSettings, peak_tflops
+import torch
+
+from jev4.bench import gpu_fast_path
+from jev4.bench.gpu_fast_path import FastPathSettings, attention_score_bytes, markdown, ort_skip_reason, peak_tflops
 from jev4.cli.main import main
 
 
@@ -62,6 +65,77 @@ def test_end_to_end_comparison(smoke):
     assert 0 <= fast["padding_fraction"] < 1 and 0 <= up["padding_fraction"] < 1
     # Same base weights and the same merged LoRA: the FP8 path computes the same embeddings, up to FP8 error.
     assert e2e["fp8_vs_upstream_cosine_mean"] >= 0.99
+
+
+def test_torch_modes_and_e2e_run_before_ort(smoke):
+    """ort-fp16 runs last, so an onnxruntime crash that breaks the CUDA context cannot take the torch figures with it."""
+    _, results = smoke
+    modes = [p["mode"] for p in results["points"]]
+    first_ort = modes.index("ort-fp16")
+    assert all(m == "ort-fp16" for m in modes[first_ort:]) and "torch-fp8" in modes[:first_ort]
+    order = [k for k in results["timings"] if k.endswith("_s") and k.split("_s")[0] in ("torch-bf16", "torch-fp8", "e2e", "ort-fp16")]
+    assert order == ["torch-bf16_s", "torch-fp8_s", "e2e_s", "ort-fp16_s"]
+
+
+GIB = 1024**3
+
+
+def test_attention_score_bytes():
+    # full size: 16 heads; 32 x 2048 is the measured point (4.3 GB of scores), 128 x 2048 the 16 GiB buffer that crashed
+    assert attention_score_bytes(32, 16, 2048) == 4_294_967_296
+    assert attention_score_bytes(128, 16, 2048) == 16 * GIB
+    assert attention_score_bytes(1, 1, 10, element_bytes=4) == 400
+
+
+@pytest.mark.parametrize(
+    "batch, seq, free_gib, skipped",
+    [
+        (32, 2048, 70, False),  # 4 GiB x 6.5 = 26 GiB: fits an H100 with the model loaded
+        (128, 2048, 70, True),  # 16 GiB x 6.5 = 104 GiB
+        (128, 512, 70, False),  # 1 GiB x 6.5
+        (32, 2048, 20, True),  # 26 GiB over 20 GiB free
+        (128, 2048, None, False),  # CPU (--tiny): never skipped
+    ],
+)
+def test_ort_skip_reason(batch, seq, free_gib, skipped):
+    reason = ort_skip_reason(batch, 16, seq, None if free_gib is None else free_gib * GIB)
+    assert (reason is not None) == skipped
+    if skipped:
+        assert reason.startswith("skipped: O(T^2) attention scores need ~")
+        assert f"{attention_score_bytes(batch, 16, seq) / GIB:.1f} GiB per layer" in reason and f"{free_gib:.1f} GiB free" in reason
+
+
+def test_ort_skip_reason_factor_boundary():
+    scores = attention_score_bytes(8, 16, 1024)
+    assert ort_skip_reason(8, 16, 1024, int(scores * 6.5)) is None
+    assert ort_skip_reason(8, 16, 1024, int(scores * 6.5) - 1) is not None
+    assert ort_skip_reason(8, 16, 1024, scores, factor=1.0) is None
+
+
+def test_skipped_ort_point_is_recorded(monkeypatch):
+    """On a GPU the free memory decides; the skip lands in ``failures`` with its reason and the report lists it."""
+    from jev4.model.tiny import FULL_SIZE
+
+    monkeypatch.setattr(gpu_fast_path, "_device_free_bytes", lambda device: 40 * GIB)
+    failures = []
+    assert gpu_fast_path._skip_ort_point(FULL_SIZE, 128, 2048, torch.device("cuda"), failures)
+    assert not gpu_fast_path._skip_ort_point(FULL_SIZE, 8, 2048, torch.device("cuda"), failures)
+    assert failures == [{"mode": "ort-fp16", "batch": 128, "seq": 2048, "error": ort_skip_reason(128, 16, 2048, 40 * GIB)}]
+    results = {"device": "x", "model": "m", "peak_tflops": {"bf16": None, "fp8": None}, "points": [], "failures": failures}
+    failures.append({"mode": "ort-fp16", "batch": None, "seq": None, "error": "export failed"})
+    md = markdown(results)
+    assert "- ort-fp16 128x2048: skipped: O(T^2) attention scores need ~16.0 GiB per layer" in md
+    assert "- ort-fp16 all points: export failed" in md
+
+
+def test_ort_mode_failure_keeps_the_other_figures(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+    monkeypatch.setattr(gpu_fast_path, "_ort_points", broken)
+    failures = []
+    assert gpu_fast_path._ort_mode(None, None, None, torch.device("cpu"), {}, failures, {}) == []
+    assert failures == [{"mode": "ort-fp16", "batch": None, "seq": None, "error": "CUDA error: an illegal memory access was encountered"}]
 
 
 @pytest.mark.parametrize(
