@@ -6,7 +6,7 @@
 # The host's own Python is used. Packages it lacks (onnxruntime-gpu above all) are installed from
 # wheels in $WHEELS (default .whl/) into $JEV4_SITE, which goes first on PYTHONPATH; nothing is
 # downloaded. Put bitsandbytes' wheel (43 MB) there too for the bnb GPU tests (they skip without it).
-# Benchmark JSON goes to $RESULTS (default gpu-results/).
+# Benchmark JSON and the GPU tests' JUnit XML (gpu-tests.xml) go to $RESULTS (default gpu-results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-tests}
@@ -31,7 +31,10 @@ except ImportError:
 PY
 
 if [[ $mode == tests || $mode == all ]]; then
-  "$PY" -m pytest -q -m gpu -rs -p no:cacheprovider tests
+  # The JUnit XML keeps what tests record with record_property (parity cosines, the FP8 nDCG@10 delta);
+  # xunit1, because pytest warns that record_property does not fit its default xunit2 schema.
+  mkdir -p "$RESULTS"
+  "$PY" -m pytest -q -m gpu -rs -p no:cacheprovider -o junit_family=xunit1 --junitxml "$RESULTS/gpu-tests.xml" tests
 fi
 if [[ $mode == bench || $mode == all ]]; then
   mkdir -p "$RESULTS"
