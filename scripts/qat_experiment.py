@@ -14,8 +14,22 @@ checkpoint choice never sees the reported queries. Then, for each arm
     trained with).
 
 All on the test split. The table holds the mean and standard deviation over
-seeds and the per-seed QAT - PTQ differences (paired: same split, same batch
-order). Writes docs/results/qat-experiment.json and docs/img/qat-experiment.png.
+seeds and the per-seed QAT - PTQ and float FT - PTQ differences (paired: same
+split, same batch order). Writes docs/results/qat-experiment.json and
+docs/img/qat-experiment.png.
+
+Options for the follow-up experiments of docs/qat.md (all off by default):
+
+- ``--init-steps N``: first fine-tune the adapter in float for N steps
+  (shared by both arms), then continue from that same adapter for
+  ``--steps`` more, either in float (then PTQ) or with QAT, with the same
+  batch order: QAT as a fine-tuning stage on a trained adapter. The shared
+  adapter is reported too (``init``), float and quantized.
+- ``--dim D``: evaluate (test, and the validation that picks checkpoints) on
+  embeddings truncated to D dims and re-normalised before the codec; both
+  arms train with D added to the loss (``--matryoshka-dims``).
+- ``--ptq-only``: skip QAT: only the float fine-tune and its PTQ per arm,
+  to screen which settings make PTQ lose most.
 
     OMP_NUM_THREADS=1 python scripts/qat_experiment.py --model demo-out/tiny --seeds 0,1,2
 """
@@ -30,8 +44,12 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
+import jev4.qat.trainer as trainer
 from jev4.model.encoder import TorchEncoder
 from jev4.qat.data import PairSplit, builtin_pairs, split_pairs
+from jev4.qat.export import source_adapter_dir, write_adapter
 from jev4.qat.trainer import QATSettings, evaluate_split, train
 
 METRICS = ("ndcg@10", "recall@100")
@@ -48,30 +66,54 @@ def arm_settings(base: QATSettings, arm: str) -> QATSettings:
     return replace(base, precision=precision, quantize=mode or "docs")
 
 
+def truncate_evaluation(dim: int) -> None:
+    """Make every evaluation (validation and test) use embeddings truncated to ``dim`` and re-normalised."""
+    encode = trainer._encode_eval
+
+    def truncated(*args, **kwargs) -> np.ndarray:
+        x = encode(*args, **kwargs)[:, :dim]
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    trainer._encode_eval = truncated
+
+
+def shared_start(base: QATSettings, split: PairSplit, args: argparse.Namespace, seed: int, root: Path) -> tuple[QATSettings, dict]:
+    """--init-steps: fine-tune in float, write the adapter, and make it the starting point of both arms."""
+    init = replace(base, steps=args.init_steps, lr=args.init_lr or args.lr, eval_every=max(args.init_steps // 6, 1))
+    result, encoder = train(init, split)
+    out = root / f"init-{seed}"
+    out.mkdir(parents=True)
+    write_adapter(encoder, base.adapter, source_adapter_dir(base), out)
+    # The continuation has its own batch order (the same for both arms), not a replay of the first stage's.
+    return replace(base, adapter_dir=str(out), seed=seed + 1000), {"history": result.history, "best": result.best}
+
+
 def run_seed(base: QATSettings, arms: list[str], args: argparse.Namespace, seed: int) -> tuple[dict, dict]:
     base = replace(base, seed=seed)
     split, test = splits(args.data_size, args.test, args.validation, seed)
     start_encoder = TorchEncoder.from_pretrained(base.model)
+    runs = {}
+    init_encoder = None
+    if args.init_steps:
+        base, runs["float init (shared)"] = shared_start(base, split, args, seed, Path(base.out).parent)
+        init_encoder = TorchEncoder.from_pretrained(base.model, adapter_dir=base.adapter_dir)
     float_result, float_encoder = train(base, split)
-    runs = {"float fine-tune": {"history": float_result.history, "best": float_result.best}}
+    runs["float fine-tune"] = {"history": float_result.history, "best": float_result.best}
     rows = {}
     for arm in arms:
         settings = arm_settings(base, arm)
         start = evaluate_split(start_encoder, test, settings, settings.precision)
         ptq = evaluate_split(float_encoder, test, settings, settings.precision)
-        qat_result, qat_encoder = train(settings, split)
-        qat = evaluate_split(qat_encoder, test, settings, settings.precision, qat_result.calibration)
-        runs[f"QAT {arm}"] = {"history": qat_result.history, "best": qat_result.best}
-        rows[arm] = {}
-        for m in METRICS:
-            rows[arm].update({
-                f"start float {m}": start[f"float/{m}"],
-                f"start quantized {m}": start[f"quantized/{m}"],
-                f"float FT {m}": ptq[f"float/{m}"],
-                f"PTQ {m}": ptq[f"quantized/{m}"],
-                f"QAT {m}": qat[f"quantized/{m}"],
-                f"QAT float {m}": qat[f"float/{m}"],
-            })
+        evaluated = {"start float": (start, "float/"), "start quantized": (start, "quantized/"), "float FT": (ptq, "float/"), "PTQ": (ptq, "quantized/")}
+        if init_encoder is not None:
+            init = evaluate_split(init_encoder, test, settings, settings.precision)
+            evaluated.update({"init float": (init, "float/"), "init PTQ": (init, "quantized/")})
+        if not args.ptq_only:
+            qat_result, qat_encoder = train(settings, split)
+            qat = evaluate_split(qat_encoder, test, settings, settings.precision, qat_result.calibration)
+            runs[f"QAT {arm}"] = {"history": qat_result.history, "best": qat_result.best}
+            evaluated.update({"QAT": (qat, "quantized/"), "QAT float": (qat, "float/")})
+        rows[arm] = {f"{name} {m}": result[prefix + m] for name, (result, prefix) in evaluated.items() for m in METRICS}
         logging.info("seed %d %s: %s", seed, arm, json.dumps(rows[arm]))
     return rows, runs
 
@@ -85,8 +127,16 @@ def summarise(per_seed: dict[int, dict]) -> dict:
             values = [r[key] for r in rows]
             entry[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
         for m in METRICS:
-            diffs = [r[f"QAT {m}"] - r[f"PTQ {m}"] for r in rows]
-            entry[f"QAT - PTQ {m}"] = {"mean": statistics.fmean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0, "per seed": diffs}
+            for a, b in (("QAT", "PTQ"), ("float FT", "PTQ"), ("QAT", "init PTQ"), ("PTQ", "init PTQ")):
+                if f"{a} {m}" not in rows[0] or f"{b} {m}" not in rows[0]:
+                    continue
+                diffs = [r[f"{a} {m}"] - r[f"{b} {m}"] for r in rows]
+                entry[f"{a} - {b} {m}"] = {
+                    "mean": statistics.fmean(diffs),
+                    "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                    "wins": sum(d > 0 for d in diffs),
+                    "per seed": diffs,
+                }
         table[arm] = entry
     return table
 
@@ -108,13 +158,25 @@ def main() -> None:
     parser.add_argument("--float-weight", type=float, default=1.0)
     parser.add_argument("--results", default="docs/results/qat-experiment.json")
     parser.add_argument("--plot", default="docs/img/qat-experiment.png")
+    parser.add_argument("--init-steps", type=int, default=0, help="N > 0: both arms continue from one adapter fine-tuned in float for N steps")
+    parser.add_argument("--init-lr", type=float, default=None, help="lr of the shared float stage (default: --lr)")
+    parser.add_argument("--dim", type=int, default=None, help="evaluate on embeddings truncated to this Matryoshka dim")
+    parser.add_argument("--ptq-only", action="store_true", help="skip QAT: float fine-tune and PTQ only (screening)")
+    parser.add_argument("--merge", default=None, help="comma-separated results of the same settings over other seeds: combine them into --results/--plot, training nothing")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge.split(","), args.results, args.plot)
+        return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.dim:
+        if args.scaling == "rolling":
+            parser.error("--dim evaluates with the documents' own calibration; use --scaling minmax")
+        truncate_evaluation(args.dim)
     base = QATSettings(
         model=args.model, adapter="retrieval", precision=None, data="stdlib-code", out=tempfile.mkdtemp() + "/x",
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, held_out=args.validation,
         eval_every=max(args.steps // 6, 1), scaling=args.scaling, multivector_weight=args.multivector_weight,
-        float_weight=args.float_weight, progress=True,
+        float_weight=args.float_weight, progress=True, matryoshka_dims=(args.dim,) if args.dim else (),
     )
     arms = args.arms.split(",")
     per_seed, curves = {}, {}
@@ -129,27 +191,54 @@ def main() -> None:
     plot(curves, table, len(per_seed), args.plot)
 
 
+def merge(paths: list[str], results: str, plot_path: str) -> None:
+    """One report from runs of the same settings over disjoint seeds (e.g. run in parallel)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    ignored = ("seeds", "results", "plot")
+    settings = [{k: v for k, v in r["settings"].items() if k not in ignored} for r in reports]
+    if any(s != settings[0] for s in settings):
+        raise SystemExit("--merge: the runs' settings differ")
+    per_seed = {seed: rows for r in reports for seed, rows in r["per_seed"].items()}
+    table = summarise(per_seed)
+    merged = {**reports[0]["settings"], "seeds": ",".join(per_seed), "results": results, "plot": plot_path, "merged from": ",".join(paths)}
+    report = {"settings": merged, "table": table, "per_seed": per_seed, "runs": reports[0]["runs"]}
+    Path(results).write_text(json.dumps(report, indent=1) + "\n")
+    plot(reports[0]["runs"], table, len(per_seed), plot_path)
+
+
 def plot(runs: dict, table: dict, seeds: int, path: str) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 3.8), dpi=110, layout="constrained")
     curve, valid, bars = fig.subplots(1, 3)
     palette = ["#1a7f37", "#cf222e", "#8250df", "#bf8700", "#0969da", "#57606a"]
+    init = runs.get("float init (shared)")
+    shift = init["history"][-1]["step"] if init else 0  # --init-steps: the continuations start where the shared stage ended
     for color, (name, run) in zip(palette, runs.items()):
-        loss = [(h["step"], h["loss"]) for h in run["history"] if "loss" in h]
+        offset = 0 if run is init else shift
+        loss = [(h["step"] + offset, h["loss"]) for h in run["history"] if "loss" in h]
         steps, values = zip(*loss)
         window = max(1, len(values) // 15)
         smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
         curve.plot(steps, smooth, color=color, label=name)
-        key = "float/ndcg@10" if name == "float fine-tune" else "quantized/ndcg@10"
-        evals = [(h["step"], h[key]) for h in run["history"] if key in h]
-        valid.plot(*zip(*evals), marker="o", markersize=3, color=color, label=name + ("" if name == "float fine-tune" else " (quantized)"))
-    curve.set(xlabel="step", ylabel="loss (running mean)", title="training loss, seed 0 (QAT: quantized + float InfoNCE)")
+        quantized = name.startswith("QAT")
+        key = "quantized/ndcg@10" if quantized else "float/ndcg@10"
+        evals = [(h["step"] + offset, h[key]) for h in run["history"] if key in h]
+        valid.plot(*zip(*evals), marker="o", markersize=3, color=color, label=name + (" (quantized)" if quantized else ""))
+    curve.set(xlabel="step", ylabel="loss (running mean)", title="training loss, first seed (QAT: quantized + float InfoNCE)")
     curve.legend(frameon=False, fontsize=8)
     valid.set(xlabel="step", ylabel="validation nDCG@10", title="validation split (picks the checkpoint)")
     valid.legend(frameon=False, fontsize=8)
-    keys = ["start quantized ndcg@10", "PTQ ndcg@10", "QAT ndcg@10", "float FT ndcg@10"]
-    labels = ["start, quantized", "float FT + PTQ", "QAT", "float FT (float32)"]
+    named = {
+        "start quantized ndcg@10": "start, quantized",
+        "init PTQ ndcg@10": "shared float init + PTQ",
+        "PTQ ndcg@10": "float FT + PTQ",
+        "QAT ndcg@10": "QAT",
+        "float FT ndcg@10": "float FT (float32)",
+    }
+    first = next(iter(table.values()))
+    keys = [k for k in named if k in first]
+    labels = [named[k] for k in keys]
     width = 0.8 / len(keys)
     for i, (key, label) in enumerate(zip(keys, labels)):
         xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(table))]
