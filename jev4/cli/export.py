@@ -89,23 +89,29 @@ def _quant_recipe(args: argparse.Namespace):
     return make_recipe(precision, args.weight_granularity, args.quant_exclude)
 
 
+def _onnx_settings(args: argparse.Namespace, default_opset: int):
+    """The ONNX export settings from the command line (Q/DQ graphs default to opset 19, float ones to 18)."""
+    from jev4.export.onnx import OnnxExportSettings
+
+    return OnnxExportSettings(
+        model=args.model,
+        adapter=args.adapter,
+        out=args.out,
+        dtype=args.dtype or "fp32",
+        text_only=args.text_only,
+        opset=args.opset or default_opset,
+        adapter_dir=args.adapter_dir,
+        validate=not args.no_validate,
+        force=args.force,
+    )
+
+
 def _quantized_export(args: argparse.Namespace, recipe, output_codec) -> int:
     """``--fp8`` / ``--int8``: a Q/DQ ONNX artifact, then TensorRT engines where TensorRT is installed (else how to build them)."""
-    from jev4.export.onnx import OnnxExportSettings
     from jev4.export.onnx_qdq import QuantSettings, export_quantized_onnx
 
     out = export_quantized_onnx(
-        OnnxExportSettings(
-            model=args.model,
-            adapter=args.adapter,
-            out=args.out,
-            dtype=args.dtype or "fp32",
-            text_only=args.text_only,
-            opset=args.opset or 19,
-            adapter_dir=args.adapter_dir,
-            validate=not args.no_validate,
-            force=args.force,
-        ),
+        _onnx_settings(args, default_opset=19),
         QuantSettings(recipe=recipe, calib_data=args.calib_data, calib_size=args.calib_size),
         progress=not args.no_progress,
         output_codec=output_codec,
@@ -127,20 +133,10 @@ def export(args: argparse.Namespace) -> int:
     if recipe is not None:
         return _quantized_export(args, recipe, output_codec)
     if args.format == "onnx":
-        from jev4.export.onnx import OnnxExportSettings, export_onnx
+        from jev4.export.onnx import export_onnx
 
         out = export_onnx(
-            OnnxExportSettings(
-                model=args.model,
-                adapter=args.adapter,
-                out=args.out,
-                dtype=args.dtype or "fp32",
-                text_only=args.text_only,
-                opset=args.opset or 18,
-                adapter_dir=args.adapter_dir,
-                validate=not args.no_validate,
-                force=args.force,
-            ),
+            _onnx_settings(args, default_opset=18),
             progress=not args.no_progress,
             output_codec=output_codec,
         )

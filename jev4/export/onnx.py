@@ -25,6 +25,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -221,6 +222,25 @@ def export_onnx(settings: OnnxExportSettings, progress: bool = True, output_code
     return Path(settings.out)
 
 
+def validation_feeds(hidden_size: int, with_images: bool, float_dtype: str) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+    """(batch, seq, feed) for checking a language graph on CPU: three shapes, ragged padding, seeded.
+
+    Batch 1 x 1 catches an axis specialised to the example's size, 3 x 17 odd
+    sizes and 4 x 64 padding; the float and the Q/DQ exporters check on the same inputs.
+    """
+    rng = np.random.default_rng(0)
+    for batch, seq in ((1, 1), (3, 17), (4, 64)):
+        lengths = rng.integers(1, seq + 1, size=batch)
+        lengths[0] = seq
+        mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+        ids = rng.integers(0, 200, size=(batch, seq)).astype(np.int64)
+        pos = np.broadcast_to(np.maximum(mask.cumsum(-1) - 1, 0) * mask, (3, batch, seq)).astype(np.int64).copy()
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "pooling_mask": mask}
+        if with_images:
+            feed["image_embeds"] = np.zeros((0, hidden_size), dtype=float_dtype)
+        yield batch, seq, feed
+
+
 def validate_export(network: JinaEmbeddingsV4, config: JinaV4Config, root: Path, graphs: dict[str, dict]) -> dict[str, float]:
     """Run the exported language graph on CPU at several shapes and compare with the torch network.
 
@@ -237,17 +257,8 @@ def validate_export(network: JinaEmbeddingsV4, config: JinaV4Config, root: Path,
     with_images = any(t["name"] == "image_embeds" for t in graphs["language"]["inputs"])
     graph = LanguageGraph(network, config.special_tokens.image_token_id, with_images).eval()
     session = ort.InferenceSession(str(root / "language.onnx"), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
     worst = 1.0
-    for batch, seq in ((1, 1), (3, 17), (4, 64)):
-        lengths = rng.integers(1, seq + 1, size=batch)
-        lengths[0] = seq
-        mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
-        ids = rng.integers(0, 200, size=(batch, seq)).astype(np.int64)
-        pos = np.broadcast_to(np.maximum(mask.cumsum(-1) - 1, 0) * mask, (3, batch, seq)).astype(np.int64).copy()
-        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "pooling_mask": mask}
-        if with_images:
-            feed["image_embeds"] = np.zeros((0, config.hidden_size), dtype=float_dtype)
+    for batch, seq, feed in validation_feeds(config.hidden_size, with_images, float_dtype):
         got_single, got_multi = session.run(None, feed)
         with torch.inference_mode():
             ref_single, ref_multi = graph(*(torch.from_numpy(feed[k]) for k in feed))

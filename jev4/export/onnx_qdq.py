@@ -56,7 +56,7 @@ import torch
 from jev4.atomic import atomic_output_dir
 from jev4.errors import Jev4Error
 from jev4.export.manifest import Manifest, write_manifest
-from jev4.export.onnx import NUMPY_FLOAT, ExportValidationError, LanguageGraph, OnnxExportSettings, _copy_side_files, export_language_graph, require_onnx
+from jev4.export.onnx import NUMPY_FLOAT, ExportValidationError, LanguageGraph, OnnxExportSettings, _copy_side_files, export_language_graph, require_onnx, validation_feeds
 from jev4.quant.calibration import DEFAULT_CALIB_SIZE, DEFAULT_MAX_LENGTH, calibration_items, collect_input_absmax, make_forward_loop
 from jev4.quant.recipes import QuantRecipe
 from jev4.quant.weights import QuantPlan, build_plan, fake_quantized, select_linears, smooth
@@ -558,17 +558,8 @@ def _validate_language(network: torch.nn.Module, config, root: Path, graphs: dic
     with_images = any(t["name"] == "image_embeds" for t in graphs["language"]["inputs"])
     graph = LanguageGraph(network, config.special_tokens.image_token_id, with_images).eval()
     session = _exact_session(root / "language.onnx")
-    rng = np.random.default_rng(0)
     worst_emulated, worst_float = 1.0, 1.0
-    for batch, seq in ((1, 1), (3, 17), (4, 64)):
-        lengths = rng.integers(1, seq + 1, size=batch)
-        lengths[0] = seq
-        mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
-        ids = rng.integers(0, 200, size=(batch, seq)).astype(np.int64)
-        pos = np.broadcast_to(np.maximum(mask.cumsum(-1) - 1, 0) * mask, (3, batch, seq)).astype(np.int64).copy()
-        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "pooling_mask": mask}
-        if with_images:
-            feed["image_embeds"] = np.zeros((0, config.hidden_size), dtype=float_dtype)
+    for batch, seq, feed in validation_feeds(config.hidden_size, with_images, float_dtype):
         got_single, got_multi = session.run(None, feed)
         args = [torch.from_numpy(feed[k]) for k in feed]
         with torch.inference_mode():
