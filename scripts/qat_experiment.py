@@ -41,7 +41,7 @@ import json
 import logging
 import statistics
 import tempfile
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +62,17 @@ def splits(size: int, test: int, validation: int, seed: int) -> tuple[PairSplit,
 
 
 def arm_settings(base: QATSettings, arm: str) -> QATSettings:
-    precision, _, mode = arm.partition(":")
-    return replace(base, precision=precision, quantize=mode or "docs")
+    """``precision[:both][@field=value+field=value...]``: e.g. ``binary:both@ste=clipped+error_weight=1``."""
+    spec, _, overrides = arm.partition("@")
+    precision, _, mode = spec.partition(":")
+    types = {f.name: f.type for f in fields(QATSettings)}
+    changes = {}
+    for item in filter(None, overrides.split("+")):
+        key, _, value = item.partition("=")
+        if key not in types:
+            raise SystemExit(f"arm {arm!r}: QATSettings has no field {key!r}")
+        changes[key] = {"float": float, "int": int}.get(types[key], str)(value)
+    return replace(base, precision=precision, quantize=mode or "docs", **changes)
 
 
 def truncate_evaluation(dim: int) -> None:
@@ -152,7 +161,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=500, help="pairs reported on")
     parser.add_argument("--validation", type=int, default=500, help="pairs that pick each run's best checkpoint")
     parser.add_argument("--seeds", default="0,1,2", help="each seed: its own split and batch order")
-    parser.add_argument("--arms", default="binary,int4", help="precision or precision:both (queries quantized too)")
+    parser.add_argument("--arms", default="binary,int4", help="precision or precision:both (queries quantized too), optionally @field=value+... QAT settings")
     parser.add_argument("--scaling", default="minmax")
     parser.add_argument("--multivector-weight", type=float, default=0.0, help="0: single-vector training, which is what the evaluation measures")
     parser.add_argument("--float-weight", type=float, default=1.0)

@@ -96,6 +96,7 @@ class Quantizer:
     precision: str | None  # None: plain float fine-tuning (the post-training-quantization baseline)
     scaling: str = "minmax"
     momentum: float = 0.99
+    clip: bool = False  # clipped STE: no gradient beyond the codec's extreme codes (ste_pass_region)
     rolling: dict[str, RollingRange | RollingStats] = field(default_factory=dict)
 
     def __call__(self, x: torch.Tensor, kind: str = "single") -> torch.Tensor:
@@ -112,13 +113,13 @@ class Quantizer:
                 stats = self.rolling.setdefault(key, RollingStats(self.precision, x.shape[-1], self.momentum)).update(x)
             else:
                 stats = batch_stats(x, self.precision)
-            return ste(x, self.precision, **stats)
+            return ste(x, self.precision, clip=self.clip, **stats)
         if self.scaling == "rolling":
             state = self.rolling.setdefault(key, RollingRange(x.shape[-1], self.momentum))
             lower, upper = state.update(x.detach())
         else:
             lower, upper = x.detach().float().amin(dim=0), x.detach().float().amax(dim=0)
-        return ste(x, self.precision, lower, upper)
+        return ste(x, self.precision, lower, upper, clip=self.clip)
 
     def calibration(self, kind: str, dim: int) -> Calibration | None:
         """What training quantized against, as a codec calibration: the rolling state (None under minmax)."""
@@ -147,6 +148,22 @@ def info_nce(queries: torch.Tensor, documents: torch.Tensor, temperature: float)
     return F.cross_entropy(scores, torch.arange(queries.shape[0], device=queries.device))
 
 
+def quantization_error(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """Squared distance of ``x`` [N, D] to its codes, relative to the batch's spread; gradient into ``x`` only.
+
+    The deep-hashing quantization penalty: the straight-through InfoNCE says
+    which way a value should move but not that a value near a decision
+    boundary is fragile; this term pulls each value onto its code (binary:
+    centre +/- magnitude), so the codes PTQ would give become the codes the
+    model means. Dividing by the spread around the batch mean makes the
+    weight independent of dim and codec scale (about 0.36 for a Gaussian
+    dim under binary).
+    """
+    error = (x - quantized.detach()).pow(2).sum(-1).mean()
+    spread = (x.detach() - x.detach().mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
+    return error / spread
+
+
 def qat_loss(
     queries: torch.Tensor,
     documents: torch.Tensor,
@@ -154,13 +171,23 @@ def qat_loss(
     quantize_queries: bool,
     temperature: float,
     dims: tuple[int, ...],
+    error_weight: float = 0.0,
 ) -> torch.Tensor:
-    """Mean InfoNCE over the full size and each Matryoshka dim (truncate, re-normalise, then quantize)."""
+    """Mean InfoNCE over the full size and each Matryoshka dim (truncate, re-normalise, then quantize).
+
+    ``error_weight`` adds ``quantization_error`` of every quantized input.
+    """
     losses = []
     for dim in dims:
         q = F.normalize(queries[:, :dim], dim=-1)
         d = F.normalize(documents[:, :dim], dim=-1)
-        losses.append(info_nce(quantizer(q) if quantize_queries else q, quantizer(d), temperature))
+        q_codes = quantizer(q) if quantize_queries else q
+        d_codes = quantizer(d)
+        loss = info_nce(q_codes, d_codes, temperature)
+        if error_weight and quantizer.precision is not None:
+            errors = [quantization_error(d, d_codes)] + ([quantization_error(q, q_codes)] if quantize_queries else [])
+            loss = loss + error_weight * torch.stack(errors).mean()
+        losses.append(loss)
     return torch.stack(losses).mean()
 
 

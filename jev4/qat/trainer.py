@@ -63,6 +63,9 @@ class QATSettings:
     # gradient alone is noisy (binary QAT on the tiny model did not learn at all without it); the float term
     # keeps the task signal while the quantized term shapes where the codes fall.
     float_weight: float = 1.0
+    # identity | clipped: the straight-through gradient everywhere, or only inside the codec's output range.
+    ste: str = "identity"
+    error_weight: float = 0.0  # weight of the quantization-error penalty (values pulled onto their codes)
     momentum: float = 0.99
     eval_every: int = 50
     held_out: int = 200
@@ -82,6 +85,10 @@ class QATSettings:
             raise QATError(f"--precision {self.precision!r}: choose one of {', '.join(QAT_PRECISIONS)}")
         if self.quantize not in ("docs", "both"):
             raise QATError(f"--quantize {self.quantize!r}: choose docs or both")
+        if self.ste not in ("identity", "clipped"):
+            raise QATError(f"--ste {self.ste!r}: choose identity or clipped")
+        if self.error_weight < 0:
+            raise QATError(f"--error-weight {self.error_weight}: must be >= 0")
         if self.scaling not in ("minmax", "rolling"):
             raise QATError(f"--scaling {self.scaling!r}: choose minmax or rolling")
         if self.steps < 1 or self.batch_size < 2 or self.eval_every < 1:
@@ -292,7 +299,7 @@ def prepare(settings: QATSettings) -> TrainingState:
         encoder.network.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     encoder.network.train()
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    quantizer = Quantizer(settings.precision, settings.scaling, settings.momentum)
+    quantizer = Quantizer(settings.precision, settings.scaling, settings.momentum, clip=settings.ste == "clipped")
     dims = tuple(sorted({encoder.config.hidden_size, *settings.matryoshka_dims}, reverse=True))
     for d in dims:
         encoder.config.check_truncate_dim(d)
@@ -306,7 +313,7 @@ def train_step(state: TrainingState, settings: QATSettings, rows: list[Pair], st
     doc_items = [p.positive for p in rows] + [p.negative for p in rows if p.negative is not None]
     documents, doc_tokens, doc_mask = embed(encoder, doc_items, settings.adapter, "passage", settings.max_length)
     both = settings.quantize == "both"
-    loss = qat_loss(queries, documents, quantizer, both, settings.temperature, state.dims)
+    loss = qat_loss(queries, documents, quantizer, both, settings.temperature, state.dims, settings.error_weight)
     if settings.float_weight and settings.precision is not None:
         loss = loss + settings.float_weight * qat_loss(queries, documents, Quantizer(None), False, settings.temperature, state.dims)
     if settings.multivector_weight:

@@ -755,29 +755,65 @@ def _ste_function() -> type:
 
     class _StraightThrough(torch.autograd.Function):
         @staticmethod
-        def forward(ctx: Any, x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        def forward(ctx: Any, x: torch.Tensor, quantized: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:  # noqa: ARG004
+            ctx.keep = keep  # a bool mask, not part of the graph
             return quantized
 
         @staticmethod
-        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ARG004
-            return grad, None
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+            if ctx.keep is not None:
+                grad = grad * ctx.keep.to(grad.dtype)
+            return grad, None, None
 
     return _StraightThrough
 
 
-def ste(x: torch.Tensor, precision: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+def ste_pass_region(
+    x: torch.Tensor,
+    precision: str,
+    lower: torch.Tensor | None = None,
+    upper: torch.Tensor | None = None,
+    *,
+    center: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None,  # noqa: ARG001 (ternary's zero band lies inside the pass region)
+    magnitude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Where the clipped straight-through estimator passes the gradient: inside the codec's output range.
+
+    The clipped STE is the derivative of the surrogate ``clamp(x, lowest, highest)``
+    where lowest/highest are the codec's extreme decoded values (``lower``/``upper``
+    for int8/int4, ``center -/+ magnitude`` for binary and ternary): a value
+    already beyond the extreme code gets no gradient, since moving it further
+    cannot change its code, while values near a decision boundary keep theirs.
+    For the sign codecs that is the hardtanh STE of binarized networks.
+    """
+    import torch
+
+    if precision in _RANGE:
+        _need(precision, lower=lower, upper=upper)
+        return (x >= lower.to(x)) & (x <= upper.to(x))
+    if precision in ("binary", "ternary"):
+        if center is None or magnitude is None:
+            raise EmbeddingQuantError(f"clipped STE for {precision} needs the calibrated center and magnitude")
+        return (x - center.to(x)).abs() <= magnitude.to(x)
+    return torch.ones_like(x, dtype=torch.bool)
+
+
+def ste(x: torch.Tensor, precision: str, *args: Any, clip: bool = False, **kwargs: Any) -> torch.Tensor:
     """Straight-through estimator: forward = ``fake_quantize(x, ...)``, gradient w.r.t. ``x`` = identity.
 
     The gradient is that of ``x + (fake_quantize(x) - x).detach()``; a custom
     autograd function is used instead of that expression so that the forward
     value is exactly ``fake_quantize(x)`` (the expression can be off by an ulp),
-    keeping QAT and post-training quantisation bit-identical.
+    keeping QAT and post-training quantisation bit-identical. ``clip=True``
+    zeroes the gradient outside the codec's output range (``ste_pass_region``).
     """
     import torch
 
     with torch.no_grad():
         quantized = fake_quantize(x.detach(), precision, *args, **kwargs)
-    return _ste_function().apply(x, quantized)
+        keep = ste_pass_region(x.detach(), precision, *args, **kwargs) if clip else None
+    return _ste_function().apply(x, quantized, keep)
 
 
 def batch_range(x: torch.Tensor, percentile: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:

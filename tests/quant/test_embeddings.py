@@ -370,6 +370,24 @@ def test_fake_quantize_equals_numpy_decode_encode(precision):
         assert torch.equal(xt.grad, torch.ones_like(xt))
 
 
+def test_clipped_ste_passes_gradient_only_inside_the_codec_range():
+    x = torch.tensor([[-3.0, -0.5, 0.2, 0.9, 2.5]])
+    center, magnitude = torch.zeros(5), torch.ones(5)
+    for precision, kwargs in (("binary", {"center": center, "magnitude": magnitude}),
+                              ("ternary", {"center": center, "threshold": torch.full((5,), 0.3), "magnitude": magnitude})):
+        xt = x.clone().requires_grad_(True)
+        y = ste(xt, precision, clip=True, **kwargs)
+        assert torch.equal(y.detach(), fake_quantize(x, precision, **kwargs))  # forward unchanged by clipping
+        (y * torch.arange(1.0, 6.0)).sum().backward()
+        assert xt.grad.tolist() == [[0.0, 2.0, 3.0, 4.0, 0.0]]  # |x - center| > magnitude: no gradient
+    lower, upper = torch.full((5,), -1.0), torch.full((5,), 1.0)
+    xt = x.clone().requires_grad_(True)
+    ste(xt, "int4", lower, upper, clip=True).sum().backward()
+    assert xt.grad.tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0]]
+    with pytest.raises(EmbeddingQuantError, match="center and magnitude"):
+        ste(x, "binary", clip=True)
+
+
 def test_fake_quantize_shares_range_calibration_and_keeps_dtype():
     x = _embeddings(500, 32)
     cal = calibrate(x, "int8")
