@@ -3,7 +3,8 @@
 Each adapted Linear computes ``base(x) + scale_t * B_t(A_t(x))`` where ``t``
 is the task of the sample. All tasks' A/B are stacked so one batch can mix
 tasks: the per-sample matrices are gathered by task index, with no Python
-loop over samples. The LoRA path runs in fp32 whatever the base dtype, as
+loop over samples. A batch of one task (the usual case, and every QAT step)
+skips the gather and runs two plain GEMMs on that task's matrices. The LoRA path runs in fp32 whatever the base dtype, as
 upstream keeps LoRA weights in fp32.
 """
 
@@ -29,6 +30,7 @@ class TaskSelector:
     def __init__(self, tasks: Sequence[str]):
         self.tasks = tuple(tasks)
         self._task_ids: torch.Tensor | None = None
+        self._single: int | None = None  # the one task index when every sample has the same task
 
     def indices(self, task_labels: Sequence[str]) -> torch.Tensor:
         unknown = sorted({t for t in task_labels if t not in self.tasks})
@@ -38,18 +40,25 @@ class TaskSelector:
 
     @contextmanager
     def select(self, task_labels: Sequence[str], device: torch.device | str = "cpu") -> Iterator[None]:
-        previous = self._task_ids
-        self._task_ids = self.indices(task_labels).to(device)
+        previous = self._task_ids, self._single
+        ids = self.indices(task_labels)
+        self._single = int(ids[0]) if len(set(task_labels)) == 1 else None  # decided on the host: no device sync
+        self._task_ids = ids.to(device)
         try:
             yield
         finally:
-            self._task_ids = previous
+            self._task_ids, self._single = previous
 
     @property
     def task_ids(self) -> torch.Tensor:
         if self._task_ids is None:
             raise RuntimeError("a LoRA layer ran outside TaskSelector.select(): no task was chosen")
         return self._task_ids
+
+    @property
+    def single_task(self) -> int | None:
+        """The task index shared by the whole batch, or None for a mixed batch (or outside ``select``)."""
+        return self._single
 
 
 class MultiTaskLoRALinear(nn.Module):
@@ -76,10 +85,14 @@ class MultiTaskLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         ids = self.selector.task_ids
-        if ids.shape[0] == 1 and x.shape[0] != 1:  # one label for the whole batch (training one task)
-            ids = ids.expand(x.shape[0])
-        elif ids.shape[0] != x.shape[0]:
+        if ids.shape[0] not in (1, x.shape[0]):
             raise RuntimeError(f"{ids.shape[0]} task labels for a batch of {x.shape[0]}")
+        single = self.selector.single_task
+        if single is not None:
+            # One task for the batch (training, or encoding one task): two plain GEMMs on that task's A/B,
+            # instead of gathering a [B, r, in] and [B, out, r] copy per sample and running batched matmuls.
+            hidden = x.float() @ self.lora_A[single].T
+            return out + ((hidden @ self.lora_B[single].T) * self.scale[single]).to(out.dtype)
         a = self.lora_A[ids]  # [B, r, in]
         b = self.lora_B[ids]  # [B, out, r]
         scale = self.scale[ids].view(-1, *([1] * (x.ndim - 1)))
