@@ -100,9 +100,25 @@ class Quantizer:
     rolling: dict[str, RollingRange | RollingStats] = field(default_factory=dict)
 
     def __call__(self, x: torch.Tensor, kind: str = "single") -> torch.Tensor:
-        """Fake-quantize ``x`` [N, D]; ``kind`` ("single"/"multi") keeps separate rolling statistics per output."""
+        """Fake-quantize ``x`` [N, D] calibrated on itself; ``kind`` ("single"/"multi") keeps separate rolling statistics."""
+        return self.apply(x, self.statistics(x, kind))
+
+    def pair(self, queries: torch.Tensor, documents: torch.Tensor, quantize_queries: bool, kind: str = "single") -> tuple[torch.Tensor, torch.Tensor]:
+        """Documents through the codec calibrated on the documents, and queries (when quantized) with the same calibration.
+
+        That is how an index serves: the calibration is computed on (and
+        stored with) the documents, and a query is encoded with it. Centring
+        queries on their own batch instead trains codes that serving never
+        produces: queries and documents carry different prefixes, so their
+        per-dim medians differ.
+        """
+        stats = self.statistics(documents, kind)
+        return (self.apply(queries, stats) if quantize_queries else queries), self.apply(documents, stats)
+
+    def statistics(self, x: torch.Tensor, kind: str = "single") -> dict[str, torch.Tensor]:
+        """The codec calibration for ``x`` [N, D]: of this batch (minmax) or the rolling state updated with it."""
         if self.precision is None:
-            return x
+            return {}
         key = f"{kind}/{x.shape[-1]}"
         if self.precision in ROLLING_STATS:
             # Centred per dim (binary: the sign of x - median, the codec's calibrated form). Mean-pooled
@@ -110,16 +126,19 @@ class Quantizer:
             # document and the straight-through gradient cannot flip them: binary QAT without centring
             # did not learn at all.
             if self.scaling == "rolling":
-                stats = self.rolling.setdefault(key, RollingStats(self.precision, x.shape[-1], self.momentum)).update(x)
-            else:
-                stats = batch_stats(x, self.precision)
-            return ste(x, self.precision, clip=self.clip, **stats)
+                return self.rolling.setdefault(key, RollingStats(self.precision, x.shape[-1], self.momentum)).update(x)
+            return batch_stats(x, self.precision)
         if self.scaling == "rolling":
-            state = self.rolling.setdefault(key, RollingRange(x.shape[-1], self.momentum))
-            lower, upper = state.update(x.detach())
+            lower, upper = self.rolling.setdefault(key, RollingRange(x.shape[-1], self.momentum)).update(x.detach())
         else:
             lower, upper = x.detach().float().amin(dim=0), x.detach().float().amax(dim=0)
-        return ste(x, self.precision, lower, upper, clip=self.clip)
+        return {"lower": lower, "upper": upper}
+
+    def apply(self, x: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``x`` through the codec with ``stats`` (from ``statistics``), differentiable by the straight-through estimator."""
+        if self.precision is None:
+            return x
+        return ste(x, self.precision, clip=self.clip, **stats)
 
     def calibration(self, kind: str, dim: int) -> Calibration | None:
         """What training quantized against, as a codec calibration: the rolling state (None under minmax)."""
@@ -181,8 +200,7 @@ def qat_loss(
     for dim in dims:
         q = F.normalize(queries[:, :dim], dim=-1)
         d = F.normalize(documents[:, :dim], dim=-1)
-        q_codes = quantizer(q) if quantize_queries else q
-        d_codes = quantizer(d)
+        q_codes, d_codes = quantizer.pair(q, d, quantize_queries)
         loss = info_nce(q_codes, d_codes, temperature)
         if error_weight and quantizer.precision is not None:
             errors = [quantization_error(d, d_codes)] + ([quantization_error(q, q_codes)] if quantize_queries else [])
@@ -206,10 +224,9 @@ def maxsim_loss(
     divided by q's token count so that the temperature means the same as for
     single vectors. This term is what trains the multi-vector projector's LoRA.
     """
-    d = F.normalize(quantizer(F.normalize(doc_tokens[doc_mask], dim=-1), "multi"), dim=-1)
+    q, d = quantizer.pair(F.normalize(query_tokens[query_mask], dim=-1), F.normalize(doc_tokens[doc_mask], dim=-1), quantize_queries, "multi")
+    q, d = F.normalize(q, dim=-1), F.normalize(d, dim=-1)
     docs = torch.zeros_like(doc_tokens).masked_scatter(doc_mask.unsqueeze(-1), d)
-    q = F.normalize(query_tokens[query_mask], dim=-1)
-    q = F.normalize(quantizer(q, "multi"), dim=-1) if quantize_queries else q
     queries = torch.zeros_like(query_tokens).masked_scatter(query_mask.unsqueeze(-1), q)
     sims = torch.einsum("qtp,dsp->qdts", queries, docs)
     sims = sims.masked_fill(~doc_mask[None, :, None, :], -2.0)

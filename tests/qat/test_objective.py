@@ -1,10 +1,12 @@
 """The QAT objective's options: the clipped straight-through estimator and the quantization-error penalty."""
 
+import numpy as np
 import pytest
 import torch
 
 from jev4.qat.loss import Quantizer, batch_stats, qat_loss, quantization_error
 from jev4.qat.trainer import QATError, QATSettings
+from jev4.quant.embeddings import EmbeddingCodec, calibrate
 
 
 def _batch(seed: int = 0) -> torch.Tensor:
@@ -47,7 +49,8 @@ def test_error_weight_adds_the_penalty_of_every_quantized_side():
     both = qat_loss(q, d, quantizer, True, 0.05, (16,), error_weight=2.0)
     docs = qat_loss(q, d, quantizer, False, 0.05, (16,), error_weight=2.0) - qat_loss(q, d, quantizer, False, 0.05, (16,))
     qn, dn = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(d, dim=-1)
-    expected_both = 2.0 * (quantization_error(qn, quantizer(qn)) + quantization_error(dn, quantizer(dn))) / 2
+    q_codes, d_codes = quantizer.pair(qn, dn, True)
+    expected_both = 2.0 * (quantization_error(qn, q_codes) + quantization_error(dn, d_codes)) / 2
     torch.testing.assert_close(both - plain, expected_both)
     torch.testing.assert_close(docs, 2.0 * quantization_error(dn, quantizer(dn)))
     assert qat_loss(q, d, Quantizer(None), False, 0.05, (16,), error_weight=5.0) == qat_loss(q, d, Quantizer(None), False, 0.05, (16,))
@@ -57,3 +60,15 @@ def test_error_weight_adds_the_penalty_of_every_quantized_side():
 def test_bad_objective_settings_are_named(field, value, message):
     with pytest.raises(QATError, match=message):
         QATSettings(model="m", adapter="retrieval", precision="binary", data="stdlib-code", out="o", **{field: value})
+
+
+@pytest.mark.parametrize("precision", ["binary", "ternary", "int4"])
+def test_queries_are_quantized_with_the_documents_calibration_as_evaluation_and_serving_do(precision):
+    queries, documents = _batch(4) + 0.7, _batch(5)  # different medians, as "Query: " and "Passage: " give
+    q_codes, d_codes = Quantizer(precision).pair(queries, documents, quantize_queries=True)
+    codec = EmbeddingCodec(precision, calibrate(documents.numpy(), precision))
+    np.testing.assert_allclose(d_codes.numpy(), codec.decode(codec.encode(documents.numpy())), atol=1e-6)
+    np.testing.assert_allclose(q_codes.numpy(), codec.decode(codec.encode(queries.numpy())), atol=1e-6)
+    assert not torch.allclose(q_codes, Quantizer(precision)(queries))  # not centred on the queries' own batch
+    untouched, _ = Quantizer(precision).pair(queries, documents, quantize_queries=False)
+    assert untouched is queries
