@@ -40,6 +40,7 @@ import argparse
 import json
 import logging
 import statistics
+import shutil
 import tempfile
 from dataclasses import fields, replace
 from pathlib import Path
@@ -87,14 +88,29 @@ def truncate_evaluation(dim: int) -> None:
 
 
 def shared_start(base: QATSettings, split: PairSplit, args: argparse.Namespace, seed: int, root: Path) -> tuple[QATSettings, dict]:
-    """--init-steps: fine-tune in float, write the adapter, and make it the starting point of both arms."""
+    """--init-steps: fine-tune in float, write the adapter, and make it the starting point of both arms.
+
+    With ``--init-cache DIR`` the adapter (and its history) is kept in DIR/init-SEED with the settings
+    that made it, and reused by a later run with the same settings: training is deterministic on the
+    CPU, so a follow-up experiment on the same init need not retrain it.
+    """
     init = replace(base, steps=args.init_steps, lr=args.init_lr or args.lr, eval_every=max(args.init_steps // 6, 1))
-    result, encoder = train(init, split)
-    out = root / f"init-{seed}"
-    out.mkdir(parents=True)
-    write_adapter(encoder, base.adapter, source_adapter_dir(base), out)
+    key = {"model": base.model, "seed": seed, "steps": init.steps, "lr": init.lr, "batch_size": init.batch_size, "max_length": init.max_length,
+           "data_size": args.data_size, "test": args.test, "validation": args.validation, "dims": list(init.matryoshka_dims)}
+    out = Path(args.init_cache) / f"init-{seed}" if args.init_cache else root / f"init-{seed}"
+    record = out / "init-run.json"
+    if record.is_file() and json.loads(record.read_text())["key"] == key:
+        logging.info("seed %d: reusing the shared float init in %s", seed, out)
+        run = json.loads(record.read_text())["run"]
+    else:
+        result, encoder = train(init, split)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        write_adapter(encoder, base.adapter, source_adapter_dir(base), out)
+        run = {"history": result.history, "best": {k: v for k, v in result.best.items() if k != "tensors"}}
+        record.write_text(json.dumps({"key": key, "run": run}))
     # The continuation has its own batch order (the same for both arms), not a replay of the first stage's.
-    return replace(base, adapter_dir=str(out), seed=seed + 1000), {"history": result.history, "best": result.best}
+    return replace(base, adapter_dir=str(out), seed=seed + 1000), run
 
 
 def run_seed(base: QATSettings, arms: list[str], args: argparse.Namespace, seed: int) -> tuple[dict, dict]:
@@ -168,6 +184,7 @@ def main() -> None:
     parser.add_argument("--results", default="docs/results/qat-experiment.json")
     parser.add_argument("--plot", default="docs/img/qat-experiment.png")
     parser.add_argument("--init-steps", type=int, default=0, help="N > 0: both arms continue from one adapter fine-tuned in float for N steps")
+    parser.add_argument("--init-cache", default=None, help="keep/reuse the shared float init per seed in this directory")
     parser.add_argument("--init-lr", type=float, default=None, help="lr of the shared float stage (default: --lr)")
     parser.add_argument("--dim", type=int, default=None, help="evaluate on embeddings truncated to this Matryoshka dim")
     parser.add_argument("--ptq-only", action="store_true", help="skip QAT: float fine-tune and PTQ only (screening)")
@@ -203,7 +220,7 @@ def main() -> None:
 def merge(paths: list[str], results: str, plot_path: str) -> None:
     """One report from runs of the same settings over disjoint seeds (e.g. run in parallel)."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
-    ignored = ("seeds", "results", "plot")
+    ignored = ("seeds", "results", "plot", "init_cache")
     settings = [{k: v for k, v in r["settings"].items() if k not in ignored} for r in reports]
     if any(s != settings[0] for s in settings):
         raise SystemExit("--merge: the runs' settings differ")
