@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     qat.add_argument("--lr", type=float, default=5e-4)
     qat.add_argument("--temperature", type=float, default=0.05)
     qat.add_argument("--float-weight", type=float, default=1.0, help="weight of the float-embedding InfoNCE kept beside the quantized one")
-    qat.add_argument("--ste", choices=["identity", "clipped"], default="identity", help="straight-through gradient everywhere, or only inside the codec's output range")
+    qat.add_argument("--ste", choices=["identity", "clipped", "tanh"], default="identity", help="straight-through gradient: everywhere, only inside the codec's output range, or tanh-shaped around each sign boundary (binary, ternary)")
     qat.add_argument("--error-weight", type=float, default=0.0, help="weight of the quantization-error penalty that pulls values onto their codes")
     qat.add_argument("--multivector-weight", type=float, default=0.5, help="weight of the MaxSim InfoNCE (trains the projector's LoRA)")
     qat.add_argument("--eval-every", type=int, default=50)

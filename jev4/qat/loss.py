@@ -96,7 +96,7 @@ class Quantizer:
     precision: str | None  # None: plain float fine-tuning (the post-training-quantization baseline)
     scaling: str = "minmax"
     momentum: float = 0.99
-    clip: bool = False  # clipped STE: no gradient beyond the codec's extreme codes (ste_pass_region)
+    gradient: str = "identity"  # the STE's backward: identity | clipped | tanh (ste_gradient_scale)
     rolling: dict[str, RollingRange | RollingStats] = field(default_factory=dict)
 
     def __call__(self, x: torch.Tensor, kind: str = "single") -> torch.Tensor:
@@ -138,7 +138,7 @@ class Quantizer:
         """``x`` through the codec with ``stats`` (from ``statistics``), differentiable by the straight-through estimator."""
         if self.precision is None:
             return x
-        return ste(x, self.precision, clip=self.clip, **stats)
+        return ste(x, self.precision, gradient=self.gradient, **stats)
 
     def calibration(self, kind: str, dim: int) -> Calibration | None:
         """What training quantized against, as a codec calibration: the rolling state (None under minmax)."""

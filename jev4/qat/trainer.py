@@ -30,7 +30,7 @@ from jev4.model.lora import MultiTaskLoRALinear
 from jev4.model.preprocess import load_image, text_prefix
 from jev4.qat.data import Item, Pair, PairSplit, load_split
 from jev4.qat.loss import QAT_PRECISIONS, Quantizer, maxsim_loss, qat_loss
-from jev4.quant.embeddings import Calibration, EmbeddingCodec, calibrate
+from jev4.quant.embeddings import STE_GRADIENTS, Calibration, EmbeddingCodec, calibrate
 from jev4.validate.metrics import retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ class QATSettings:
     # gradient alone is noisy (binary QAT on the tiny model did not learn at all without it); the float term
     # keeps the task signal while the quantized term shapes where the codes fall.
     float_weight: float = 1.0
-    # identity | clipped: the straight-through gradient everywhere, or only inside the codec's output range.
+    # The straight-through estimator's backward (jev4.quant.embeddings.ste_gradient_scale): identity everywhere,
+    # clipped to the codec's output range, or tanh-shaped around each decision boundary (binary, ternary).
     ste: str = "identity"
     error_weight: float = 0.0  # weight of the quantization-error penalty (values pulled onto their codes)
     momentum: float = 0.99
@@ -85,8 +86,10 @@ class QATSettings:
             raise QATError(f"--precision {self.precision!r}: choose one of {', '.join(QAT_PRECISIONS)}")
         if self.quantize not in ("docs", "both"):
             raise QATError(f"--quantize {self.quantize!r}: choose docs or both")
-        if self.ste not in ("identity", "clipped"):
-            raise QATError(f"--ste {self.ste!r}: choose identity or clipped")
+        if self.ste not in STE_GRADIENTS:
+            raise QATError(f"--ste {self.ste!r}: choose one of {', '.join(STE_GRADIENTS)}")
+        if self.ste == "tanh" and self.precision not in ("binary", "ternary"):
+            raise QATError(f"--ste tanh is for binary and ternary, not {self.precision}")
         if self.error_weight < 0:
             raise QATError(f"--error-weight {self.error_weight}: must be >= 0")
         if self.scaling not in ("minmax", "rolling"):
@@ -299,7 +302,7 @@ def prepare(settings: QATSettings) -> TrainingState:
         encoder.network.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     encoder.network.train()
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    quantizer = Quantizer(settings.precision, settings.scaling, settings.momentum, clip=settings.ste == "clipped")
+    quantizer = Quantizer(settings.precision, settings.scaling, settings.momentum, gradient=settings.ste)
     dims = tuple(sorted({encoder.config.hidden_size, *settings.matryoshka_dims}, reverse=True))
     for d in dims:
         encoder.config.check_truncate_dim(d)

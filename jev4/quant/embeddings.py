@@ -116,6 +116,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PRECISIONS",
+    "STE_GRADIENTS",
     "BITS_PER_DIM",
     "CALIBRATED_PRECISIONS",
     "Calibration",
@@ -132,6 +133,7 @@ __all__ = [
     "pack_int4",
     "pack_ternary",
     "ste",
+    "ste_gradient_scale",
     "truncate_normalize",
     "unpack_bits",
     "unpack_int4",
@@ -755,65 +757,84 @@ def _ste_function() -> type:
 
     class _StraightThrough(torch.autograd.Function):
         @staticmethod
-        def forward(ctx: Any, x: torch.Tensor, quantized: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:  # noqa: ARG004
-            ctx.keep = keep  # a bool mask, not part of the graph
+        def forward(ctx: Any, x: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:  # noqa: ARG004
+            ctx.scale = scale  # computed without grad, not part of the graph
             return quantized
 
         @staticmethod
         def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-            if ctx.keep is not None:
-                grad = grad * ctx.keep.to(grad.dtype)
+            if ctx.scale is not None:
+                grad = grad * ctx.scale.to(grad.dtype)
             return grad, None, None
 
     return _StraightThrough
 
 
-def ste_pass_region(
+STE_GRADIENTS = ("identity", "clipped", "tanh")
+
+
+def ste_gradient_scale(
     x: torch.Tensor,
     precision: str,
+    gradient: str,
     lower: torch.Tensor | None = None,
     upper: torch.Tensor | None = None,
     *,
     center: torch.Tensor | None = None,
-    threshold: torch.Tensor | None = None,  # noqa: ARG001 (ternary's zero band lies inside the pass region)
+    threshold: torch.Tensor | None = None,
     magnitude: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Where the clipped straight-through estimator passes the gradient: inside the codec's output range.
+) -> torch.Tensor | None:
+    """The factor the straight-through estimator multiplies the gradient by, per element (None: 1 everywhere).
 
-    The clipped STE is the derivative of the surrogate ``clamp(x, lowest, highest)``
-    where lowest/highest are the codec's extreme decoded values (``lower``/``upper``
-    for int8/int4, ``center -/+ magnitude`` for binary and ternary): a value
-    already beyond the extreme code gets no gradient, since moving it further
-    cannot change its code, while values near a decision boundary keep theirs.
-    For the sign codecs that is the hardtanh STE of binarized networks.
+    - ``identity``: the plain STE.
+    - ``clipped``: 1 inside the codec's output range, 0 beyond it: the
+      derivative of ``clamp(x, lowest, highest)``, where lowest/highest are the
+      extreme decoded values (``lower``/``upper`` for int8/int4,
+      ``center -/+ magnitude`` for binary and ternary). A value past the
+      outermost code cannot change its code by moving further. For the sign
+      codecs this is the hardtanh STE of binarized networks.
+    - ``tanh`` (binary, ternary): the derivative of a tanh step at each
+      decision boundary, ``1 - tanh((|x - center| - t) / magnitude)^2`` with
+      ``t`` = 0 (binary) or the ternary threshold: 1 at the boundary, 0.42 one
+      magnitude away, 0.07 two away. The gradient goes where a value can flip
+      its code, and fades where it cannot (ApproxSign-style surrogates).
     """
     import torch
 
+    if gradient not in STE_GRADIENTS:
+        raise EmbeddingQuantError(f"STE gradient {gradient!r}: choose one of {', '.join(STE_GRADIENTS)}")
+    if gradient == "identity" or precision in ("float32", "float16"):
+        return None
     if precision in _RANGE:
+        if gradient == "tanh":
+            raise EmbeddingQuantError(f"the tanh STE is for the sign codecs (binary, ternary), not {precision}")
         _need(precision, lower=lower, upper=upper)
-        return (x >= lower.to(x)) & (x <= upper.to(x))
-    if precision in ("binary", "ternary"):
-        if center is None or magnitude is None:
-            raise EmbeddingQuantError(f"clipped STE for {precision} needs the calibrated center and magnitude")
-        return (x - center.to(x)).abs() <= magnitude.to(x)
-    return torch.ones_like(x, dtype=torch.bool)
+        return ((x >= lower.to(x)) & (x <= upper.to(x))).to(x.dtype)
+    if center is None or magnitude is None:
+        raise EmbeddingQuantError(f"the {gradient} STE for {precision} needs the calibrated center and magnitude")
+    dist = (x - center.to(x)).abs()
+    magnitude = magnitude.to(x).clamp(min=torch.finfo(x.dtype).tiny)
+    if gradient == "clipped":
+        return (dist <= magnitude).to(x.dtype)
+    boundary = threshold.to(x) if precision == "ternary" and threshold is not None else torch.zeros_like(magnitude)
+    return 1.0 - torch.tanh((dist - boundary) / magnitude) ** 2
 
 
-def ste(x: torch.Tensor, precision: str, *args: Any, clip: bool = False, **kwargs: Any) -> torch.Tensor:
+def ste(x: torch.Tensor, precision: str, *args: Any, gradient: str = "identity", **kwargs: Any) -> torch.Tensor:
     """Straight-through estimator: forward = ``fake_quantize(x, ...)``, gradient w.r.t. ``x`` = identity.
 
     The gradient is that of ``x + (fake_quantize(x) - x).detach()``; a custom
     autograd function is used instead of that expression so that the forward
     value is exactly ``fake_quantize(x)`` (the expression can be off by an ulp),
-    keeping QAT and post-training quantisation bit-identical. ``clip=True``
-    zeroes the gradient outside the codec's output range (``ste_pass_region``).
+    keeping QAT and post-training quantisation bit-identical. ``gradient``
+    ``clipped`` or ``tanh`` scale the passed gradient (``ste_gradient_scale``).
     """
     import torch
 
     with torch.no_grad():
         quantized = fake_quantize(x.detach(), precision, *args, **kwargs)
-        keep = ste_pass_region(x.detach(), precision, *args, **kwargs) if clip else None
-    return _ste_function().apply(x, quantized, keep)
+        scale = ste_gradient_scale(x.detach(), precision, gradient, *args, **kwargs)
+    return _ste_function().apply(x, quantized, scale)
 
 
 def batch_range(x: torch.Tensor, percentile: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ def _batch(seed: int = 0) -> torch.Tensor:
 
 def test_clipped_quantizer_drops_the_gradient_beyond_the_extreme_codes():
     x = _batch().requires_grad_(True)
-    Quantizer("binary", clip=True)(x).sum().backward()
+    Quantizer("binary", gradient="clipped")(x).sum().backward()
     stats = batch_stats(x, "binary")  # decode = centre +/- magnitude
     dist = (x.detach() - stats["center"]).abs()
     inside, outside = dist < stats["magnitude"] * 0.999, dist > stats["magnitude"] * 1.001
@@ -56,10 +56,10 @@ def test_error_weight_adds_the_penalty_of_every_quantized_side():
     assert qat_loss(q, d, Quantizer(None), False, 0.05, (16,), error_weight=5.0) == qat_loss(q, d, Quantizer(None), False, 0.05, (16,))
 
 
-@pytest.mark.parametrize("field, value, message", [("ste", "soft", "--ste"), ("error_weight", -1.0, "--error-weight")])
+@pytest.mark.parametrize("field, value, message", [("ste", "soft", "--ste"), ("error_weight", -1.0, "--error-weight"), ("ste", "tanh", "not int4")])
 def test_bad_objective_settings_are_named(field, value, message):
     with pytest.raises(QATError, match=message):
-        QATSettings(model="m", adapter="retrieval", precision="binary", data="stdlib-code", out="o", **{field: value})
+        QATSettings(model="m", adapter="retrieval", precision="int4" if value == "tanh" else "binary", data="stdlib-code", out="o", **{field: value})
 
 
 @pytest.mark.parametrize("precision", ["binary", "ternary", "int4"])

@@ -376,16 +376,36 @@ def test_clipped_ste_passes_gradient_only_inside_the_codec_range():
     for precision, kwargs in (("binary", {"center": center, "magnitude": magnitude}),
                               ("ternary", {"center": center, "threshold": torch.full((5,), 0.3), "magnitude": magnitude})):
         xt = x.clone().requires_grad_(True)
-        y = ste(xt, precision, clip=True, **kwargs)
+        y = ste(xt, precision, gradient="clipped", **kwargs)
         assert torch.equal(y.detach(), fake_quantize(x, precision, **kwargs))  # forward unchanged by clipping
         (y * torch.arange(1.0, 6.0)).sum().backward()
         assert xt.grad.tolist() == [[0.0, 2.0, 3.0, 4.0, 0.0]]  # |x - center| > magnitude: no gradient
     lower, upper = torch.full((5,), -1.0), torch.full((5,), 1.0)
     xt = x.clone().requires_grad_(True)
-    ste(xt, "int4", lower, upper, clip=True).sum().backward()
+    ste(xt, "int4", lower, upper, gradient="clipped").sum().backward()
     assert xt.grad.tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0]]
     with pytest.raises(EmbeddingQuantError, match="center and magnitude"):
-        ste(x, "binary", clip=True)
+        ste(x, "binary", gradient="clipped")
+    with pytest.raises(EmbeddingQuantError, match="sign codecs"):
+        ste(x, "int4", lower, upper, gradient="tanh")
+    with pytest.raises(EmbeddingQuantError, match="choose one of"):
+        ste(x, "binary", gradient="soft", center=center, magnitude=magnitude)
+
+
+def test_tanh_ste_peaks_at_each_decision_boundary():
+    x = torch.tensor([[0.0, 0.5, 1.0, 2.0, -1.0]])
+    center, magnitude = torch.zeros(5), torch.ones(5)
+    xt = x.clone().requires_grad_(True)
+    y = ste(xt, "binary", gradient="tanh", center=center, magnitude=magnitude)
+    assert torch.equal(y.detach(), fake_quantize(x, "binary", center=center, magnitude=magnitude))
+    y.sum().backward()
+    expected = 1 - torch.tanh(x.abs()) ** 2  # binary's boundary is the centre
+    torch.testing.assert_close(xt.grad, expected)
+    assert xt.grad[0, 0] == 1.0 and xt.grad[0, 2] == xt.grad[0, 4]
+    xt.grad = None
+    ste(xt, "ternary", gradient="tanh", center=center, threshold=torch.full((5,), 0.5), magnitude=magnitude).sum().backward()
+    torch.testing.assert_close(xt.grad, 1 - torch.tanh(x.abs() - 0.5) ** 2)  # ternary's boundaries: centre +/- threshold
+    assert xt.grad[0, 1] == 1.0
 
 
 def test_fake_quantize_shares_range_calibration_and_keeps_dtype():
