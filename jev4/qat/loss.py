@@ -1,6 +1,7 @@
 """The QAT objective: InfoNCE over quantized embeddings, made differentiable by a straight-through estimator.
 
-Documents (and with ``quantize="both"`` queries) pass through the same
+Documents (and with ``quantize="both"`` queries, encoded with the
+documents' calibration as an index encodes them) pass through the same
 codec as post-training quantization (``jev4.quant.embeddings.ste``: the
 forward value is bit-identical to ``EmbeddingCodec.decode(encode(x))``, the
 gradient is the identity), so the model learns to place embeddings where
