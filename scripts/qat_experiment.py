@@ -99,9 +99,10 @@ def shared_start(base: QATSettings, split: PairSplit, args: argparse.Namespace, 
            "data_size": args.data_size, "test": args.test, "validation": args.validation, "dims": list(init.matryoshka_dims)}
     out = Path(args.init_cache) / f"init-{seed}" if args.init_cache else root / f"init-{seed}"
     record = out / "init-run.json"
-    if record.is_file() and json.loads(record.read_text())["key"] == key:
+    cached = json.loads(record.read_text()) if record.is_file() else {}
+    if cached.get("key") == key:
         logging.info("seed %d: reusing the shared float init in %s", seed, out)
-        run = json.loads(record.read_text())["run"]
+        run = cached["run"]
     else:
         result, encoder = train(init, split)
         shutil.rmtree(out, ignore_errors=True)

@@ -4,8 +4,9 @@ Each adapted Linear computes ``base(x) + scale_t * B_t(A_t(x))`` where ``t``
 is the task of the sample. All tasks' A/B are stacked so one batch can mix
 tasks: the per-sample matrices are gathered by task index, with no Python
 loop over samples. A batch of one task (the usual case, and every QAT step)
-skips the gather and runs two plain GEMMs on that task's matrices. The LoRA path runs in fp32 whatever the base dtype, as
-upstream keeps LoRA weights in fp32.
+skips the gather and runs two plain GEMMs on that task's matrices. The LoRA
+path runs in fp32 whatever the base dtype, as upstream keeps LoRA weights in
+fp32.
 """
 
 from __future__ import annotations
