@@ -36,6 +36,14 @@ class OutputExistsError(Jev4Error):
     """The output path exists and --force was not given."""
 
 
+class OutputLockedError(Jev4Error):
+    """Another process is writing the same output right now (it holds the output's lock)."""
+
+
+class SettingsError(Jev4Error, ValueError):
+    """An option value that cannot work (an opset, a size, a dim), caught before any model is loaded."""
+
+
 class ManifestError(Jev4Error):
     """An artifact's files do not match its manifest."""
 

@@ -7,14 +7,15 @@ import logging
 import sys
 from pathlib import Path
 
-from jev4.cli.common import run_command
-from jev4.errors import Jev4Error
+from jev4.cli.common import common_flags, run_command
+from jev4.errors import SettingsError
 
 log = logging.getLogger("jev4.export")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        parents=[common_flags()],
         prog="jev4-export",
         description="Merge a task adapter into jina-embeddings-v4 and write a deployable artifact.",
     )
@@ -51,26 +52,31 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--weight-granularity", choices=["per-channel", "per-tensor"], help="weight scales (default: per-tensor for fp8, per-channel for int8)")
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.set_defaults(verbose=False, no_progress=False)
     return parser
 
 
-def _output_codec(args: argparse.Namespace):
-    """Calibrate the output codec on the reference (adapter unmerged, fp32) before the export starts."""
+def _output_codec_settings(args: argparse.Namespace):
+    """The settings of ``--output-precision`` (None without it); checked before any model loads."""
     if args.output_precision is None:
         return None
-    from jev4.atomic import check_output_path
-    from jev4.model.encoder import TorchEncoder
-    from jev4.quant.output_codec import OutputCodecSettings, encode_calibration
+    from jev4.quant.output_codec import OutputCodecSettings
 
-    settings = OutputCodecSettings(
+    return OutputCodecSettings(
         precision=args.output_precision,
         method=args.output_calib_method,
         calib_size=args.output_calib_size,
         calib_data=args.output_calib_data,
     )
-    check_output_path(Path(args.out), args.force)  # fail before the (long) calibration, not after
+
+
+def _calibrate_output_codec(args: argparse.Namespace, settings):
+    """Calibrate the output codec on the reference (adapter unmerged, fp32) before the export starts."""
+    if settings is None:
+        return None
+    from jev4.model.encoder import TorchEncoder
+    from jev4.quant.output_codec import encode_calibration
+
     reference = TorchEncoder.from_pretrained(args.model, adapter_dir=args.adapter_dir, progress=not args.no_progress)
     return encode_calibration(reference, args.adapter, settings, progress=not args.no_progress)
 
@@ -79,13 +85,13 @@ def _quant_recipe(args: argparse.Namespace):
     """The recipe of ``--fp8`` / ``--int8`` (None for a float export); bad flags fail here, before any work."""
     if not (args.fp8 or args.int8):
         if args.quant_exclude or args.calib_data or args.weight_granularity:
-            raise Jev4Error("--calib-data, --quant-exclude and --weight-granularity apply to --fp8 or --int8 exports only")
+            raise SettingsError("--calib-data, --quant-exclude and --weight-granularity apply to --fp8 or --int8 exports only")
         return None
     from jev4.quant.recipes import make_recipe
 
     precision = "fp8" if args.fp8 else "int8"
     if args.format not in (None, "onnx"):
-        raise Jev4Error(f"--{precision} writes an ONNX artifact; drop --format {args.format} (or use --format onnx)")
+        raise SettingsError(f"--{precision} writes an ONNX artifact; drop --format {args.format} (or use --format onnx)")
     return make_recipe(precision, args.weight_granularity, args.quant_exclude)
 
 
@@ -106,46 +112,12 @@ def _onnx_settings(args: argparse.Namespace, default_opset: int):
     )
 
 
-def _quantized_export(args: argparse.Namespace, recipe, output_codec) -> int:
-    """``--fp8`` / ``--int8``: a Q/DQ ONNX artifact, then TensorRT engines where TensorRT is installed (else how to build them)."""
-    from jev4.export.onnx_qdq import QuantSettings, export_quantized_onnx
+def _merge_settings(args: argparse.Namespace):
+    from jev4.export.merge import MergeSettings
 
-    out = export_quantized_onnx(
-        _onnx_settings(args, default_opset=19),
-        QuantSettings(recipe=recipe, calib_data=args.calib_data, calib_size=args.calib_size),
-        progress=not args.no_progress,
-        output_codec=output_codec,
-    )
-    log.info("artifact written: %s", out)
-    try:
-        from jev4.export.tensorrt import build_or_hint
-    except ImportError as exc:  # the engine builder is optional; the ONNX artifact is complete without it
-        log.info("TensorRT engines not built (%s); the ONNX artifact runs on onnxruntime", exc)
-    else:
-        build_or_hint(Path(out), recipe.precision)
-    print(out)
-    return 0
-
-
-def export(args: argparse.Namespace) -> int:
-    recipe = _quant_recipe(args)
-    output_codec = _output_codec(args)
-    if recipe is not None:
-        return _quantized_export(args, recipe, output_codec)
-    if args.format == "onnx":
-        from jev4.export.onnx import export_onnx
-
-        out = export_onnx(
-            _onnx_settings(args, default_opset=18),
-            progress=not args.no_progress,
-            output_codec=output_codec,
-        )
-        log.info("artifact written: %s", out)
-        print(out)
-        return 0
-    from jev4.export.merge import MergeSettings, merge_checkpoint
-
-    settings = MergeSettings(
+    if args.opset is not None or args.no_validate:
+        raise SettingsError("--opset and --no-validate apply to ONNX exports (--format onnx, --fp8, --int8) only")
+    return MergeSettings(
         model=args.model,
         adapter=args.adapter,
         out=args.out,
@@ -154,7 +126,54 @@ def export(args: argparse.Namespace) -> int:
         adapter_dir=args.adapter_dir,
         force=args.force,
     )
-    out = merge_checkpoint(settings, progress=not args.no_progress, output_codec=output_codec)
+
+
+def _run_export(args: argparse.Namespace, recipe, settings, quant, output_codec) -> Path:
+    progress = not args.no_progress
+    if recipe is not None:
+        from jev4.export.onnx_qdq import export_quantized_onnx
+
+        out = export_quantized_onnx(settings, quant, progress=progress, output_codec=output_codec)
+        try:
+            from jev4.export.tensorrt import build_or_hint
+        except ImportError as exc:  # the engine builder is optional; the ONNX artifact is complete without it
+            log.info("TensorRT engines not built (%s); the ONNX artifact runs on onnxruntime", exc)
+        else:
+            build_or_hint(Path(out), recipe.precision)
+        return Path(out)
+    if args.format == "onnx":
+        from jev4.export.onnx import export_onnx
+
+        return export_onnx(settings, progress=progress, output_codec=output_codec)
+    from jev4.export.merge import merge_checkpoint
+
+    return merge_checkpoint(settings, progress=progress, output_codec=output_codec)
+
+
+def export(args: argparse.Namespace) -> int:
+    """Every option is checked first; OUT is claimed (checked and locked) for the whole run, calibration included."""
+    from jev4.atomic import claim_output
+
+    recipe = _quant_recipe(args)
+    quant = None
+    if recipe is not None:
+        from jev4.export.onnx_qdq import QuantSettings
+
+        quant = QuantSettings(recipe=recipe, calib_data=args.calib_data, calib_size=args.calib_size)
+        settings = _onnx_settings(args, default_opset=19)
+    elif args.format == "onnx":
+        settings = _onnx_settings(args, default_opset=18)
+    else:
+        settings = _merge_settings(args)
+    codec_settings = _output_codec_settings(args)
+    from jev4.model.checkpoint import resolve_model_dir
+    from jev4.model.config import load_config
+
+    load_config(resolve_model_dir(args.model)).check_task(args.adapter)  # before the calibration loads the model
+    sources = (args.model, args.adapter_dir, args.calib_data, args.output_calib_data)
+    with claim_output(args.out, args.force, sources):
+        output_codec = _calibrate_output_codec(args, codec_settings)
+        out = _run_export(args, recipe, settings, quant, output_codec)
     log.info("artifact written: %s", out)
     print(out)
     return 0

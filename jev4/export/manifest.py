@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jev4.atomic import TEMP_MARKER
 from jev4.errors import ManifestError
 
 MANIFEST_NAME = "jev4-manifest.json"
@@ -77,7 +78,7 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     manifest.files = {
         path.relative_to(root).as_posix(): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name != MANIFEST_NAME
+        if path.is_file() and path.relative_to(root).as_posix() not in (MANIFEST_NAME, TEMP_MARKER)
     }
     target = root / MANIFEST_NAME
     target.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")

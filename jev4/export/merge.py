@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from jev4.atomic import atomic_output_dir, check_output_path
-from jev4.errors import AdapterError, CheckpointError
+from jev4.atomic import atomic_output_dir, check_output_path, claim_output
+from jev4.errors import AdapterError, CheckpointError, SettingsError
 from jev4.export.manifest import Manifest, write_manifest
 from jev4.quant.output_codec import OutputCodec
 from jev4.export.qwen2_text import PROJECTOR_FILE, qwen2_config, sentence_transformers_files
@@ -72,7 +72,11 @@ class MergeSettings:
         if self.dtype is not None:
             parse_dtype(self.dtype)
         if self.max_shard_bytes <= 0:
-            raise ValueError("max_shard_bytes must be positive")
+            raise SettingsError(f"max_shard_bytes must be positive, got {self.max_shard_bytes}")
+
+    def sources(self) -> tuple[str | None, ...]:
+        """What the run reads: OUT may not be, hold or sit inside any of them."""
+        return (self.model, self.adapter_dir)
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,9 @@ class MergePlan:
 
 def plan_merge(settings: MergeSettings) -> MergePlan:
     """Validate the source and the adapter against the model's shapes, reading headers only."""
-    check_output_path(Path(settings.out), settings.force)
+    check_output_path(Path(settings.out), settings.force, settings.sources())
     model_dir = resolve_model_dir(settings.model)
+    check_output_path(Path(settings.out), settings.force, (model_dir,))  # a hub id resolved to its local copy
     config = load_config(model_dir)
     if config.merged_task is not None:
         raise AdapterError(f"{model_dir}: already has the {config.merged_task!r} adapter merged in")
@@ -134,6 +139,11 @@ def merge_into_network(network: torch.nn.Module, loras: dict[str, TaskLora]) -> 
 
 def merge_checkpoint(settings: MergeSettings, progress: bool = True, output_codec: OutputCodec | None = None) -> Path:
     """Write a merged checkpoint to ``settings.out`` (atomically) and return its path."""
+    with claim_output(settings.out, settings.force, settings.sources()):
+        return _merge_checkpoint(settings, progress, output_codec)
+
+
+def _merge_checkpoint(settings: MergeSettings, progress: bool, output_codec: OutputCodec | None) -> Path:
     plan = plan_merge(settings)
     out_dtype = parse_dtype(settings.dtype) if settings.dtype else plan.source_dtype
     out = Path(settings.out)

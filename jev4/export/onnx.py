@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from jev4.atomic import atomic_output_dir
-from jev4.errors import Jev4Error, MissingDependencyError
+from jev4.atomic import atomic_output_dir, claim_output
+from jev4.errors import Jev4Error, MissingDependencyError, SettingsError
 from jev4.export.graphs import GraphSpec, language_graph_spec
 from jev4.export.manifest import Manifest, write_manifest
 from jev4.quant.output_codec import OutputCodec
@@ -46,6 +46,7 @@ from jev4.model.pooling import multi_vector, single_vector
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
+MIN_OPSET, MAX_OPSET = 18, 23  # torch.onnx's dynamo exporter starts at 18; onnxruntime 1.2x runs up to 23
 NUMPY_FLOAT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -81,8 +82,12 @@ class OnnxExportSettings:
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
-        if not 17 <= self.opset <= 23:
-            raise ValueError(f"opset {self.opset} is not supported; use 17..23")
+        if not isinstance(self.opset, int) or not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise SettingsError(f"--opset {self.opset} is not supported; use {MIN_OPSET}..{MAX_OPSET} (torch.onnx's exporter starts at {MIN_OPSET})")
+
+    def sources(self) -> tuple[str | None, ...]:
+        """What the run reads: OUT may not be, hold or sit inside any of them."""
+        return (self.model, self.adapter_dir)
 
 
 class LanguageGraph(nn.Module):
@@ -177,6 +182,11 @@ def _copy_side_files(model_dir: Path, tmp: Path, config: JinaV4Config, settings:
 
 def export_onnx(settings: OnnxExportSettings, progress: bool = True, output_codec: OutputCodec | None = None) -> Path:
     """Merge ``settings.adapter`` and export the graphs to ``settings.out`` (atomically)."""
+    with claim_output(settings.out, settings.force, settings.sources()):
+        return _export_onnx(settings, progress, output_codec)
+
+
+def _export_onnx(settings: OnnxExportSettings, progress: bool, output_codec: OutputCodec | None) -> Path:
     require_onnx()
     plan = plan_merge(
         MergeSettings(model=settings.model, adapter=settings.adapter, out=settings.out, adapter_dir=settings.adapter_dir, force=settings.force)

@@ -53,8 +53,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jev4.atomic import atomic_output_dir
-from jev4.errors import Jev4Error
+from jev4.atomic import atomic_output_dir, claim_output
+from jev4.errors import Jev4Error, SettingsError
 from jev4.export.manifest import Manifest, write_manifest
 from jev4.export.onnx import NUMPY_FLOAT, ExportValidationError, LanguageGraph, OnnxExportSettings, _copy_side_files, export_language_graph, require_onnx, validation_feeds
 from jev4.quant.calibration import DEFAULT_CALIB_SIZE, DEFAULT_MAX_LENGTH, calibration_items, collect_input_absmax, make_forward_loop
@@ -95,6 +95,15 @@ class QuantSettings:
     calib_size: int = DEFAULT_CALIB_SIZE
     calib_batch_size: int = 8
     calib_max_length: int = DEFAULT_MAX_LENGTH
+
+    def __post_init__(self) -> None:
+        for name in ("calib_size", "calib_batch_size", "calib_max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise SettingsError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+    def sources(self) -> tuple[str | None, ...]:
+        return (self.calib_data,)
 
     def to_json(self) -> dict:
         return {**{k: v for k, v in asdict(self).items() if k != "recipe"}, "recipe": self.recipe.to_json()}
@@ -424,6 +433,11 @@ def export_quantized_onnx(settings: OnnxExportSettings, quant: QuantSettings, pr
     ``output_codec`` (a :class:`jev4.quant.output_codec.OutputCodec`) is stored
     with the artifact as ``export_onnx`` stores it.
     """
+    with claim_output(settings.out, settings.force, settings.sources() + quant.sources()):
+        return _export_quantized_onnx(settings, quant, progress, output_codec)
+
+
+def _export_quantized_onnx(settings: OnnxExportSettings, quant: QuantSettings, progress: bool, output_codec) -> Path:
     from jev4.export.merge import MergeSettings, merge_into_network, plan_merge
     from jev4.model.network import build_network, dtype_name, load_base_weights, parse_dtype
     from jev4.model.preprocess import Preprocessor

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jev4.atomic import atomic_output_dir, check_output_path
+from jev4.atomic import atomic_output_dir, claim_output
 from jev4.errors import EngineMismatchError, Jev4Error, ManifestError, MissingDependencyError, OutputExistsError, TensorRTError
 from jev4.export.graphs import GraphSpec, TensorSpec
 from jev4.export.manifest import MANIFEST_NAME, Manifest, verify_manifest, write_manifest
@@ -697,7 +697,12 @@ def build_engines(artifact: str | Path, settings: EngineSettings, out: str | Pat
         raise OutputExistsError(f"{root}: pass --out DIR for a new artifact, or --force to add the engines to {root} in place")
     if out is not None and target.resolve() == root.resolve() and not force:
         raise OutputExistsError(f"{target}: is the source artifact; pass --force to update it in place")
-    check_output_path(target, force=force or out is None)
+    in_place = target.resolve() == root.resolve()
+    with claim_output(target, force=force or out is None, sources=() if in_place else (root,)):
+        return _build_engines(root, target, settings, force or out is None)
+
+
+def _build_engines(root: Path, target: Path, settings: EngineSettings, force: bool) -> Path:
     manifest = _onnx_manifest(root)
     trt = import_tensorrt()
     host = current_host(trt)
@@ -713,7 +718,7 @@ def build_engines(artifact: str | Path, settings: EngineSettings, out: str | Pat
 
     skip = {MANIFEST_NAME, *ENGINE_FILES.values()}
     started = time.perf_counter()
-    with atomic_output_dir(target, force=force or out is None) as tmp:
+    with atomic_output_dir(target, force=force) as tmp:
         for rel in manifest["files"]:
             if rel not in skip:
                 _link_or_copy(root / rel, tmp / rel)

@@ -121,11 +121,11 @@ def write_output(settings: QATSettings, result: QATResult, encoder: TorchEncoder
 
 def run_qat(settings: QATSettings) -> QATResult:
     """Train, then write the output; the checkpoint directory is removed once the output is complete."""
-    from jev4.atomic import check_output_path
+    from jev4.atomic import claim_output
     from jev4.qat.trainer import train
 
-    check_output_path(Path(settings.out), settings.force)
-    result, encoder = train(settings)
-    result.out = write_output(settings, result, encoder)
+    with claim_output(settings.out, settings.force, (settings.model, settings.data, settings.adapter_dir)):
+        result, encoder = train(settings)
+        result.out = write_output(settings, result, encoder)
     return result
 

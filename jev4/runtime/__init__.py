@@ -5,6 +5,6 @@ backends differ only in how one padded batch becomes vectors.
 """
 
 from jev4.model.encoder import Encoder
-from jev4.runtime.loader import load
+from jev4.runtime.loader import ArtifactInfo, inspect, load
 
-__all__ = ["Encoder", "load"]
+__all__ = ["ArtifactInfo", "Encoder", "inspect", "load"]

@@ -1,27 +1,86 @@
 """``load(path, backend=...)``: read what a directory is and return the encoder that runs it.
 
 - a checkpoint directory (upstream, or a jev4 merge): the torch backend;
+- a jev4 text-only export (a Qwen2 checkpoint + projector): the torch
+  text-only backend (``jev4.runtime.text_only``);
 - a jev4 ONNX artifact (manifest kind ``onnx``): the onnxruntime backend, on
   the ``provider`` asked for (cpu, cuda, tensorrt);
 - an ONNX artifact with engines from ``jev4 build-engine``, with
   ``backend="tensorrt"``: the TensorRT backend (``device``: a CUDA device).
-An artifact's files are checked against its manifest checksums before use.
+
+A jev4 artifact's files are checked against its manifest checksums before
+use; one whose manifest is gone is refused, since nothing then says whether
+it is complete. An unfinished output (a temp dir of an interrupted run) is
+refused too: it can look complete without being so.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from jev4.errors import Jev4Error, ManifestError
+from jev4.atomic import check_not_temp_dir
+from jev4.errors import Jev4Error, ManifestError, ProviderError
 from jev4.export.manifest import MANIFEST_NAME, read_manifest, verify_manifest
-from jev4.model.config import load_config
+from jev4.model.checkpoint import resolve_model_dir
+from jev4.model.config import CONFIG_NAME, MERGED_TASK_KEY, JinaV4Config, load_config
 from jev4.model.encoder import Encoder, TorchEncoder
 from jev4.model.preprocess import Preprocessor
+from jev4.runtime.text_only import is_text_only, read_text_only_config
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+TEXT_ONLY_KIND = "merged-text-only"
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What a directory holds, read from its config and manifest only (no weights): enough to check arguments."""
+
+    root: Path
+    kind: str  # checkpoint, merged, merged-text-only, onnx, ...
+    config: JinaV4Config
+    manifest: dict[str, Any] | None
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return (self.config.merged_task,) if self.config.merged_task else self.config.task_names
+
+
+def _raw_config(root: Path) -> dict[str, Any]:
+    try:
+        return json.loads((root / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # load_config names the problem
+
+
+def inspect(path: str | Path) -> ArtifactInfo:
+    """Classify ``path`` and read its config; refuses temp dirs and jev4 artifacts without a manifest."""
+    if Path(path).expanduser().exists():
+        check_not_temp_dir(path)
+    root = resolve_model_dir(path)
+    manifest = read_manifest(root) if (root / MANIFEST_NAME).is_file() else None
+    raw = _raw_config(root)
+    if manifest is None:
+        if (root / "language.onnx").is_file():
+            raise ManifestError(f"{root}: looks like a jev4 ONNX artifact whose {MANIFEST_NAME} is missing; re-export it (without the manifest its files cannot be checked)")
+        if MERGED_TASK_KEY in raw:
+            raise ManifestError(f"{root}: looks like a jev4 export whose {MANIFEST_NAME} is missing; re-export it (without the manifest its files cannot be checked)")
+    kind = manifest["kind"] if manifest else "checkpoint"
+    config = read_text_only_config(root) if is_text_only(raw) else load_config(root)
+    return ArtifactInfo(root, kind, config, manifest)
+
+
+def _check_device(device: str) -> None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ProviderError(f"device {device!r} needs a CUDA GPU, and none is visible here; use device 'cpu'")
 
 
 def load(
@@ -41,26 +100,32 @@ def load(
     """
     if backend not in BACKENDS:
         raise Jev4Error(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    root = Path(path)
-    manifest = read_manifest(root) if (root / MANIFEST_NAME).is_file() else None
-    kind = manifest["kind"] if manifest else "checkpoint"
+    info = inspect(path)
+    root, manifest, kind = info.root, info.manifest, info.kind
     if backend == "auto":
         backend = "onnxruntime" if kind == "onnx" else "torch"
     if manifest is not None and verify:
         verify_manifest(root)
     if backend == "torch":
+        _check_device(device)
         if kind == "onnx":
             raise ManifestError(f"{root}: is an ONNX artifact; load it with backend='onnxruntime' (or point torch at a checkpoint)")
+        if kind == TEXT_ONLY_KIND or is_text_only(info.config.raw):
+            if quantization is not None:
+                raise Jev4Error(f"quantization={quantization!r} is not available for a text-only export; load the full merged checkpoint")
+            from jev4.runtime.text_only import TextOnlyEncoder
+
+            return _with_output_codec(TextOnlyEncoder.from_dir(root, dtype=dtype, device=device), root)
         if quantization is not None:
             from jev4.runtime.torch_quantized import load_quantized
 
-            return _with_output_codec(load_quantized(path, quantization, task=task, dtype=dtype, device=device), root)
-        return _with_output_codec(TorchEncoder.from_pretrained(path, dtype=dtype, device=device), root)
+            return _with_output_codec(load_quantized(root, quantization, task=task, dtype=dtype, device=device), root)
+        return _with_output_codec(TorchEncoder.from_pretrained(root, dtype=dtype, device=device), root)
     if quantization is not None:
         raise Jev4Error(f"quantization={quantization!r} is for the torch backend; an ONNX artifact carries its own precision")
     if kind != "onnx":
         raise ManifestError(f"{root}: is a {kind}, not an ONNX artifact; export one with jev4-export --format onnx")
-    config = load_config(root)
+    config = info.config
     if backend == "tensorrt":
         from jev4.runtime.tensorrt_backend import TensorRTEncoder
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 import jev4.runtime as rt
-from jev4.atomic import atomic_output_dir
-from jev4.errors import ConfigError
+from jev4.atomic import atomic_output_dir, claim_output
+from jev4.errors import ConfigError, SettingsError
 from jev4.export.manifest import MANIFEST_NAME, package_versions, read_manifest
 from jev4.validate.datasets import load_sts_tsv, resolve_dataset
 from jev4.validate.parity import run_parity
@@ -57,6 +57,16 @@ class ValidateSettings:
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name in ("max_queries", "max_docs", "max_length", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise SettingsError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+    def sources(self) -> tuple[str | None, ...]:
+        """What the run reads: the report may not be, hold or sit inside any of them."""
+        return (self.reference, self.artifact, *self.datasets, *self.sts, self.thresholds)
+
 
 def artifact_precision(path: Path) -> str:
     """The weight precision an artifact was built with, from its manifest (fp32 for a plain checkpoint)."""
@@ -80,6 +90,11 @@ def environment() -> dict:
 
 def validate(settings: ValidateSettings) -> ValidationReport:
     """Measure, judge and write the reports; returns the report (``report.passed`` is the verdict)."""
+    with claim_output(settings.out, settings.force, settings.sources()):
+        return _validate(settings)
+
+
+def _validate(settings: ValidateSettings) -> ValidationReport:
     precision = settings.precision or artifact_precision(Path(settings.artifact))
     thresholds = load_thresholds(precision, Path(settings.thresholds) if settings.thresholds else None)
     datasets = [resolve_dataset(name, settings.max_queries, settings.max_docs) for name in settings.datasets]
