@@ -21,7 +21,7 @@ import numpy as np
 
 from jev4.export.manifest import package_versions
 from jev4.validate.codecs import DEFAULT_CODECS, single_vector_codecs
-from jev4.validate.datasets import resolve_dataset
+from jev4.datasets import resolve_dataset
 from jev4.validate.results import CodecResult
 
 log = logging.getLogger(__name__)

@@ -366,7 +366,7 @@ def _device_used_gib(device: torch.device) -> float:
 
 def corpus_texts(count: int, seed: int = 0) -> list[str]:
     """``count`` documents of the built-in stdlib-code set (function sources of very mixed length), shuffled."""
-    from jev4.validate.datasets import resolve_dataset
+    from jev4.datasets import resolve_dataset
 
     docs = list(resolve_dataset("stdlib-code").documents)
     random.Random(seed).shuffle(docs)

@@ -80,7 +80,7 @@ def load_pairs(path: str | Path) -> list[Pair]:
 
 def builtin_pairs(size: int | None = None) -> list[Pair]:
     """Query/code pairs of the built-in stdlib-code set (docstring summary -> function source)."""
-    from jev4.validate.datasets import stdlib_code_search
+    from jev4.datasets import stdlib_code_search
 
     data = stdlib_code_search()
     pairs = [Pair(Item(q), Item(data.documents[next(iter(rel))])) for q, rel in zip(data.queries, data.qrels)]

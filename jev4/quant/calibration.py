@@ -102,7 +102,7 @@ def _spread(n: int, m: int) -> list[int]:
 
 def builtin_items(size: int, with_images: bool) -> CalibrationSet:
     """The default set: stdlib-code texts (queries and code, alternating), plus pydoc pages when ``with_images``."""
-    from jev4.validate.datasets import rendered_pages, stdlib_code_search
+    from jev4.datasets import rendered_pages, stdlib_code_search
 
     n_images = max(1, size // IMAGE_EVERY) if with_images and size > 1 else 0
     n_texts = size - n_images

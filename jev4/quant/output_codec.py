@@ -144,7 +144,7 @@ def calibration_documents(settings: OutputCodecSettings) -> list[str]:
         if len(docs) < 2:
             raise EmbeddingQuantError(f"{path}: needs at least 2 non-empty lines, found {len(docs)}")
         return docs[: settings.calib_size]
-    from jev4.validate.datasets import stdlib_code_search
+    from jev4.datasets import stdlib_code_search
 
     docs = stdlib_code_search().documents
     picks = np.linspace(0, len(docs) - 1, min(settings.calib_size, len(docs))).round().astype(int)

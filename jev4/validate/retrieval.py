@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from jev4.model.encoder import Encoder
 from jev4.quant.embeddings import Calibration
 from jev4.validate.codecs import CodecResult, multi_vector_codecs, single_vector_codecs
-from jev4.validate.datasets import RetrievalDataset, STSDataset
+from jev4.datasets import RetrievalDataset, STSDataset
 from jev4.validate.metrics import maxsim_scores, retrieval_metrics, spearman
 from jev4.validate.results import RetrievalResult, STSResult
 

@@ -19,7 +19,7 @@ import jev4.runtime as rt
 from jev4.atomic import atomic_output_dir, claim_output
 from jev4.errors import ConfigError, SettingsError
 from jev4.export.manifest import MANIFEST_NAME, package_versions, read_manifest
-from jev4.validate.datasets import load_sts_tsv, resolve_dataset
+from jev4.datasets import load_sts_tsv, resolve_dataset
 from jev4.validate.parity import run_parity
 from jev4.validate.probes import default_probes
 from jev4.validate.report import write_reports

@@ -305,7 +305,7 @@ def test_fp8_encoder_matches_reference(runtime_source, runtime_reference, images
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp8_retrieval_ndcg_delta(runtime_source, runtime_reference, device, record_property):
     """nDCG@10 of the FP8 path vs the reference on the built-in stdlib-code set (tiny random model: near chance)."""
-    from jev4.validate.datasets import resolve_dataset
+    from jev4.datasets import resolve_dataset
     from jev4.validate.retrieval import run_retrieval
 
     dtype = "bf16" if device == "cuda" else "fp32"

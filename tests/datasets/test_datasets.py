@@ -1,4 +1,4 @@
-"""jev4.validate.datasets: BEIR and STS files, the built-in sets, subsets and checksums."""
+"""jev4.datasets: BEIR and STS files, the built-in sets, subsets and checksums."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from jev4.errors import Jev4Error
-from jev4.validate.datasets import (
+from jev4.datasets import (
     BUILTIN,
     DatasetError,
     RetrievalDataset,
