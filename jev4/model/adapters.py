@@ -36,9 +36,15 @@ class LoraSettings:
     lora_alpha: float
     use_rslora: bool
 
-    def scale(self, rank: int) -> float:
-        """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return self.lora_alpha / (math.sqrt(rank) if self.use_rslora else rank)
+    @property
+    def scale(self) -> float:
+        """PEFT's scaling, from the config's r as PEFT computes it: alpha / r, or alpha / sqrt(r) with rsLoRA.
+
+        Only meaningful once every tensor's rank is known to equal ``r``
+        (``load_adapters`` checks that); PEFT itself would refuse to load
+        tensors of another rank.
+        """
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 @dataclass(frozen=True)
@@ -102,14 +108,22 @@ def read_lora_settings(adapter_dir: Path) -> LoraSettings:
         raise AdapterError(f"{path}: LoRA biases (bias={cfg['bias']!r}) are not supported")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise AdapterError(f"{path}: per-module rank_pattern/alpha_pattern is not supported")
-    try:
-        return LoraSettings(r=int(cfg["r"]), lora_alpha=float(cfg["lora_alpha"]), use_rslora=bool(cfg.get("use_rslora")))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AdapterError(f"{path}: needs integer 'r' and number 'lora_alpha' ({exc})") from exc
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    # bool is an int in Python, and int(16.5) would quietly become 16: take only what PEFT means.
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise AdapterError(f"{path}: 'r' must be a positive integer, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise AdapterError(f"{path}: 'lora_alpha' must be a finite number, got {alpha!r}")
+    return LoraSettings(r=r, lora_alpha=float(alpha), use_rslora=bool(cfg.get("use_rslora")))
 
 
 def load_adapters(adapter_dir: Path, task_names: tuple[str, ...]) -> AdapterSet:
-    """Read and check every task's A/B; tensors are kept in fp32."""
+    """Read and check every task's A/B; tensors are kept in fp32.
+
+    Every tensor's rank must equal the config's ``r``: PEFT scales by
+    ``alpha / r`` from the config, so tensors cut to another rank (or a config
+    edited after training) would merge with a wrong scale and no error.
+    """
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise AdapterError(f"{adapter_dir}: no adapter directory (expected adapters/ next to config.json)")
@@ -118,7 +132,7 @@ def load_adapters(adapter_dir: Path, task_names: tuple[str, ...]) -> AdapterSet:
     if not weights.is_file():
         raise AdapterError(f"{weights}: not found")
     read_safetensors_header(weights)
-    pieces: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    pieces: dict[str, dict[str, dict[str, tuple[str, torch.Tensor]]]] = {}
     for name, tensor in iter_shard_tensors(weights):
         match = KEY_PATTERN.match(name)
         if not match:
@@ -132,7 +146,7 @@ def load_adapters(adapter_dir: Path, task_names: tuple[str, ...]) -> AdapterSet:
         slot = pieces.setdefault(module, {}).setdefault(task, {})
         if match["kind"] in slot:
             raise AdapterError(f"{weights}: {module}.lora_{match['kind']}.{task} appears twice (both key layouts?)")
-        slot[match["kind"]] = tensor.float()
+        slot[match["kind"]] = (name, tensor.float())
     if not pieces:
         raise AdapterError(f"{weights}: holds no LoRA tensors")
     modules: dict[str, dict[str, TaskLora]] = {}
@@ -141,14 +155,20 @@ def load_adapters(adapter_dir: Path, task_names: tuple[str, ...]) -> AdapterSet:
         if absent:
             raise AdapterError(f"{weights}: module {module!r} has no LoRA weights for task(s) {absent}")
         modules[module] = {}
-        for task, parts in by_task.items():
+        for task in task_names:  # in config order, so that the first problem reported does not depend on the file's key order
+            parts = by_task[task]
             if set(parts) != {"A", "B"}:
                 raise AdapterError(f"{weights}: {module}.{task} has lora_{''.join(parts)} but not both A and B")
-            A, B = parts["A"], parts["B"]
+            (a_name, A), (b_name, B) = parts["A"], parts["B"]
             if A.shape[0] != B.shape[1]:
                 raise AdapterError(
                     f"{weights}: {module}.{task}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} disagree on the rank"
                 )
-            modules[module][task] = TaskLora(A=A, B=B, scale=settings.scale(A.shape[0]))
+            if A.shape[0] != settings.r:
+                raise AdapterError(
+                    f"{weights}: tensors {a_name!r} {tuple(A.shape)} and {b_name!r} {tuple(B.shape)} have rank {A.shape[0]}, "
+                    f"but {adapter_dir / ADAPTER_CONFIG} says r={settings.r} (PEFT scales by lora_alpha/r, so the two must agree)"
+                )
+            modules[module][task] = TaskLora(A=A, B=B, scale=settings.scale)
     log.info("adapter %s: %d modules x %d tasks, r=%d alpha=%g", adapter_dir, len(modules), len(task_names), settings.r, settings.lora_alpha)
     return AdapterSet(source=adapter_dir, settings=settings, tasks=tuple(task_names), modules=modules)

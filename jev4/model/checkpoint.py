@@ -229,12 +229,54 @@ def list_checkpoint_files(model_dir: Path) -> CheckpointFiles:
     raise CheckpointError(f"{model_dir}: no {INDEX_NAME} or {SINGLE_NAME} found")
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when a tensor holds no NaN or inf (integer and bool tensors always do).
+
+    One fused min/max reduction rather than ``torch.isfinite(t).all()``:
+    ``torch.aminmax`` propagates NaN (documented) and an inf shows up as the
+    min or the max.
+    Measured on a 151936x2048 bf16 tensor (the embedding matrix, 622 MB),
+    2 CPU threads, torch 2.13: 0.05-0.11 s, against 1.1-4.1 s for
+    ``isfinite().all()`` (which allocates a bool tensor and is ~25x slower)
+    and 0.36-0.43 s to read the tensor from the page cache; so checking
+    adds ~10-25% to reading, and every weight can be checked on every load.
+    fp8 has no CPU min/max kernels and is checked through a wider copy
+    (``_comparable``).
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(_comparable(tensor))
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
+def _comparable(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or for 1-byte floats (fp8) an exact copy in the narrowest dtype with CPU kernels that holds their range."""
+    if tensor.dtype.itemsize > 1:
+        return tensor
+    wide = torch.float16 if torch.finfo(tensor.dtype).max <= torch.finfo(torch.float16).max else torch.float32
+    return tensor.to(wide)  # NaN and inf stay NaN and inf
+
+
+def describe_nonfinite(tensor: torch.Tensor) -> str:
+    """How many values are NaN/inf and where the first is: for an error message, so only on the failure path."""
+    values = _comparable(tensor)
+    bad = ~torch.isfinite(values)
+    kinds = " or ".join(kind for kind, mask in (("NaN", values.isnan()), ("inf", values.isinf())) if bool(mask.any()))
+    first = int(bad.reshape(-1).to(torch.uint8).argmax())  # argmax returns the first of equal maxima
+    where = [int(i) for i in torch.unravel_index(torch.tensor(first), tuple(tensor.shape))] if tensor.ndim else []
+    return f"{int(bad.sum())} of {tensor.numel()} values are {kinds}, the first at {where}"
+
+
 def iter_shard_tensors(path: Path, names: tuple[str, ...] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(on-disk name, tensor)`` from one safetensors file, one tensor at a time.
 
     Tensors are read with plain file reads into fresh buffers rather than
     through a memory map: a merge touching a 4 GB shard through mmap would
     count all of it as resident memory. Nothing is unpickled.
+
+    Every floating tensor is checked for NaN/inf here, as it is read: a
+    non-finite weight would otherwise load, merge and export without a word
+    and surface only as NaN embeddings (see ``all_finite`` for the cost).
     """
     header = read_safetensors_header(path)
     wanted = names if names is not None else tuple(header)
@@ -249,8 +291,13 @@ def iter_shard_tensors(path: Path, names: tuple[str, ...] | None = None) -> Iter
                 if handle.readinto(data) != len(data):
                     raise CheckpointError(f"{path}: truncated while reading {name!r}")
                 dtype = SAFETENSORS_DTYPES[info.dtype]
-                tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-                yield name, tensor.reshape(info.shape)
+                tensor = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(info.shape)
+                if not all_finite(tensor):
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} {info.dtype}{list(info.shape)} holds non-finite values "
+                        f"({describe_nonfinite(tensor)}); the file is corrupt or was saved from a diverged model"
+                    )
+                yield name, tensor
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read tensors ({exc})") from exc
 

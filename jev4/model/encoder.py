@@ -4,14 +4,16 @@
 per-sample tasks, length bucketing, Matryoshka truncation and output
 shapes. A backend only implements ``_forward`` (one padded batch in, full
 single vectors and masked multi-vectors out), so switching backend cannot
-change semantics.
+change semantics. Input checks (texts that are not valid Unicode) and output
+checks (a NaN/inf vector, named by its input) live here too, so every backend
+gets them.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 from pathlib import Path
 
@@ -30,6 +32,41 @@ from jev4.model.preprocess import DEFAULT_MAX_LENGTH, ModelInputs, Preprocessor,
 log = logging.getLogger(__name__)
 
 TaskArg = str | Sequence[str]
+SHORT_TEXT = 40  # characters of a text quoted in an error message
+
+
+def describe_text(index: int, text: str) -> str:
+    """``text #3 'its first forty characters'...``: enough to find the input again, short enough for one line."""
+    return f"text #{index} {text[:SHORT_TEXT]!r}" + ("..." if len(text) > SHORT_TEXT else "")
+
+
+def describe_image(index: int, item: Image.Image | str | Path) -> str:
+    """``image #2 photos/cat.png``, or the size of an in-memory image (it has no name)."""
+    if isinstance(item, (str, Path)):
+        return f"image #{index} {item}"
+    source = getattr(item, "filename", "")  # set by Image.open
+    return f"image #{index} {source}" if source else f"image #{index} (PIL image {item.width}x{item.height})"
+
+
+def check_texts(texts: list[object]) -> None:
+    """Each item a str that is valid Unicode, else one EncodeError naming the input.
+
+    A lone surrogate (``'\\ud800'``) is what Python makes of invalid UTF-8
+    bytes read with ``surrogateescape`` (``sys.argv``, ``os.fsdecode``); the
+    tokenizer would otherwise fail on it with a traceback far from the input.
+    """
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise EncodeError(
+                f"text #{index} is of type {type(text).__name__}, not str; encode_text takes strings (use encode_image for images)"
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise EncodeError(
+                f"text #{index} is not valid Unicode: lone surrogate {text[exc.start]!r} at position {exc.start}; "
+                "decode your input as UTF-8 (invalid bytes?)"
+            ) from None
 
 
 class OutputCodecLike(Protocol):
@@ -78,7 +115,8 @@ class Encoder(ABC):
     def _run(
         self,
         order: list[int],
-        build: callable,
+        build: Callable[[list[int]], ModelInputs],
+        describe: Callable[[int], str],
         labels: list[str],
         truncate_dim: int | None,
         return_multivector: bool,
@@ -86,6 +124,12 @@ class Encoder(ABC):
         progress: bool,
         desc: str,
     ) -> torch.Tensor | list[torch.Tensor]:
+        """Run the inputs at ``order`` in batches (``build`` makes one from indices) and return them in index order.
+
+        A NaN/inf in a returned vector (an fp16 overflow, non-finite weights,
+        an input that drives the network to NaN) is an EncodeError naming the
+        input through ``describe``; it would otherwise reach an index unseen.
+        """
         if batch_size < 1:
             raise EncodeError(f"batch_size must be >= 1, got {batch_size}")
         dim = self.config.check_truncate_dim(truncate_dim if truncate_dim is not None else self.config.truncate_dim)
@@ -98,6 +142,7 @@ class Encoder(ABC):
         for batch in batches:
             inputs = build(batch)
             single, multi = self._forward(inputs, [labels[i] for i in batch])
+            self._check_finite(single, multi, inputs.attention_mask, return_multivector, lambda row: describe(batch[row]))
             for row, index in enumerate(batch):
                 if return_multivector:
                     results[index] = multi[row, inputs.attention_mask[row].bool()].cpu()
@@ -109,6 +154,29 @@ class Encoder(ABC):
         if not ordered:
             return torch.empty(0, dim or self.config.hidden_size)
         return torch.stack(ordered)
+
+    @staticmethod
+    def _check_finite(
+        single: torch.Tensor, multi: torch.Tensor, attention_mask: torch.Tensor, multivector: bool, describe_row: Callable[[int], str]
+    ) -> None:
+        """Raise naming the first batch row whose returned output holds a NaN/inf.
+
+        Only what is returned is checked: multi-vectors at valid (unmasked)
+        tokens, or the full single vector (before Matryoshka truncation: a NaN
+        in any dimension means the forward pass broke).
+        """
+        if multivector:
+            valid = attention_mask.to(multi.device).bool()
+            finite = (torch.isfinite(multi).all(dim=-1) | ~valid).all(dim=-1)
+        else:
+            finite = torch.isfinite(single).all(dim=-1)
+        bad = [row for row, ok in enumerate(finite.tolist()) if not ok]
+        if bad:
+            more = f" (and {len(bad) - 1} more input(s) of the same batch)" if len(bad) > 1 else ""
+            raise EncodeError(
+                f"{describe_row(bad[0])}{more}: the model produced a non-finite {'multi-vector' if multivector else 'vector'} "
+                "(NaN or inf); an overflow in fp16 or another reduced precision, or non-finite weights, would do this"
+            )
 
     def encode_text(
         self,
@@ -130,8 +198,7 @@ class Encoder(ABC):
         instead of floats.
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
-        if not all(isinstance(t, str) for t in texts):
-            raise EncodeError("encode_text takes strings; use encode_image for images")
+        check_texts(texts)
         labels = self._task_labels(task, len(texts))
         prompted = [text_prefix(t, prompt_name) + text for t, text in zip(labels, texts)]
         lengths = self.preprocessor.token_lengths(prompted, max_length) if prompted else []
@@ -139,6 +206,7 @@ class Encoder(ABC):
         vectors = self._run(
             order,
             lambda batch: self.preprocessor.text_inputs([prompted[i] for i in batch], max_length),
+            lambda i: describe_text(i, texts[i]),
             labels,
             truncate_dim,
             return_multivector,
@@ -167,6 +235,7 @@ class Encoder(ABC):
         vectors = self._run(
             order,
             lambda batch: self.preprocessor.image_inputs([loaded[i] for i in batch], max_pixels),
+            lambda i: describe_image(i, items[i]),
             labels,
             truncate_dim,
             return_multivector,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from jev4.errors import AdapterError, TaskError
+from jev4.errors import AdapterError, CheckpointError, TaskError
 from jev4.model.adapters import load_adapters
 from jev4.model.checkpoint import list_checkpoint_files
 from jev4.model.config import load_config
@@ -287,3 +287,87 @@ def test_multitask_lora_linear_math(adapters):
     with pytest.raises(TaskError, match=r"unknown task\(s\) \['qa'\]; known tasks are \['retrieval', 'text-matching', 'code'\]"):
         with selector.select(["qa"]):
             pass
+
+
+A_KEY = "base_model.model.{module}.lora_A.{task}.weight"
+B_KEY = "base_model.model.{module}.lora_B.{task}.weight"
+
+
+def _rank_message(dst, module, task, rank, r):
+    """The exact error for a module/task whose tensors have ``rank`` while the config says ``r``."""
+    n_out, n_in = _shape(module)
+    a, b = A_KEY.format(module=module, task=task), B_KEY.format(module=module, task=task)
+    return re.escape(
+        f"{dst / 'adapter_model.safetensors'}: tensors '{a}' {(rank, n_in)} and '{b}' {(n_out, rank)} have rank {rank}, "
+        f"but {dst / 'adapter_config.json'} says r={r} (PEFT scales by lora_alpha/r, so the two must agree)"
+    )
+
+
+def test_config_rank_above_the_tensors(tiny_dir, tmp_path):
+    """r=16 in the config, rank-8 tensors: PEFT would refuse to load them; jev4 must not merge with alpha/16."""
+    src = shutil.copytree(tiny_dir, tmp_path / "ckpt")
+    dst = src / "adapters"
+    _edit_config(dst, r=16)
+    first = sorted(EXPECTED_MODULES)[0]
+    with pytest.raises(AdapterError, match=_rank_message(dst, first, "retrieval", 8, 16)):
+        load_adapters(dst, TASKS)
+    with pytest.raises(AdapterError, match="have rank 8, but .* says r=16"):
+        TorchEncoder.from_pretrained(src)
+
+
+def test_tensors_cut_below_the_config_rank(tiny_dir, tmp_path):
+    """Every tensor cut to rank 4 (A and B agree with each other) while the config keeps r=8."""
+
+    def cut(t):
+        for key, value in t.items():
+            t[key] = (value[:4] if ".lora_A." in key else value[:, :4]).contiguous()
+
+    src = _edit_adapter(tiny_dir, tmp_path, cut)
+    dst = src / "adapters"
+    with pytest.raises(AdapterError, match=_rank_message(dst, sorted(EXPECTED_MODULES)[0], "retrieval", 4, 8)):
+        load_adapters(dst, TASKS)
+    _edit_config(dst, r=4)  # config and tensors agree again: loads, scaled by alpha / 4 as PEFT would
+    for by_task in load_adapters(dst, TASKS).modules.values():
+        assert {lo.scale for lo in by_task.values()} == {16 / 4}
+
+
+def test_one_module_cut_below_the_config_rank_is_named(tiny_dir, tmp_path):
+    module, task = "model.language_model.layers.1.mlp.up_proj", "code"
+    a, b = A_KEY.format(module=module, task=task), B_KEY.format(module=module, task=task)
+    src = _edit_adapter(tiny_dir, tmp_path, lambda t: t.update({a: t[a][:6].contiguous(), b: t[b][:, :6].contiguous()}))
+    with pytest.raises(AdapterError, match=_rank_message(src / "adapters", module, task, 6, 8)):
+        load_adapters(src / "adapters", TASKS)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"r": 0}, "'r' must be a positive integer, got 0"),
+        ({"r": 8.5}, "'r' must be a positive integer, got 8.5"),
+        ({"r": "8"}, "'r' must be a positive integer, got '8'"),
+        ({"r": True}, "'r' must be a positive integer, got True"),
+        ({"r": None}, "'r' must be a positive integer, got None"),
+        ({"lora_alpha": "16"}, "'lora_alpha' must be a finite number, got '16'"),
+        ({"lora_alpha": float("inf")}, "'lora_alpha' must be a finite number, got inf"),
+    ],
+)
+def test_bad_r_or_alpha(tiny_dir, tmp_path, changes, message):
+    dst = _adapter_copy(tiny_dir, tmp_path)
+    _edit_config(dst, **changes)
+    with pytest.raises(AdapterError, match=re.escape(f"{dst / 'adapter_config.json'}: {message}")):
+        load_adapters(dst, TASKS)
+
+
+def test_non_finite_adapter_tensor_is_named(tiny_dir, tmp_path):
+    key = B_KEY.format(module="model.language_model.layers.0.self_attn.v_proj", task="text-matching")
+
+    def poison(t):
+        t[key][3, 5] = float("inf")
+
+    src = _edit_adapter(tiny_dir, tmp_path, poison)
+    weights = src / "adapters" / "adapter_model.safetensors"
+    message = re.escape(f"{weights}: tensor '{key}' F32[32, 8] holds non-finite values (1 of 256 values are inf, the first at [3, 5])")
+    with pytest.raises(CheckpointError, match=message):
+        load_adapters(src / "adapters", TASKS)
+    with pytest.raises(CheckpointError, match=message):
+        TorchEncoder.from_pretrained(src)

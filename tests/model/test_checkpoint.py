@@ -1,4 +1,4 @@
-"""Checkpoint reading: both layouts, strict accounting, corrupt and truncated files named.
+"""Checkpoint reading: both layouts, strict accounting, corrupt, truncated and non-finite files named.
 
 Every damaged checkpoint is a copy in ``tmp_path``; the session fixtures are never touched.
 """
@@ -14,7 +14,9 @@ from safetensors.torch import load_file, save_file
 from jev4.errors import CheckpointError
 from jev4.model.checkpoint import (
     INDEX_NAME,
+    all_finite,
     canonical_name,
+    describe_nonfinite,
     iter_shard_tensors,
     list_checkpoint_files,
     old_layout_name,
@@ -277,3 +279,82 @@ def test_single_file_checkpoint_loads_the_same(tiny_dir, tmp_path, encoder):
     single = TorchEncoder.from_pretrained(src)
     texts = ["one small text", "and another, a little longer"]
     assert torch.equal(single.encode_text(texts), encoder.encode_text(texts))
+
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def test_e8m0_is_checked_without_overflow():
+    """A 1-byte float whose range passes fp16's is checked in fp32: 2**100 is finite, not an overflow."""
+    assert all_finite(torch.tensor([2.0**100, 1.0]).to(torch.float8_e8m0fnu))
+    assert not all_finite(torch.tensor([2.0**100, float("nan")]).to(torch.float8_e8m0fnu))
+
+
+def _values(dtype, n, bad=None, pos=0):
+    """n finite values in ``dtype`` (fp8 has no randn), with ``bad`` written at ``pos`` if given."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    if bad is not None:
+        x[pos] = bad
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_all_finite_finds_every_nan_and_inf(dtype):
+    """NaN, +inf and -inf anywhere (vectorised body, tail, ends) in every float dtype a checkpoint may hold."""
+    values = [float("nan"), float("inf"), -float("inf")]
+    if dtype is torch.float8_e4m3fn:
+        values = values[:1]  # e4m3fn has no inf: +-inf become NaN on the cast, which is checked with the NaN
+    for n in (1, 7, 16, 17, 64, 65, 1000, 4099):
+        assert all_finite(_values(dtype, n)), (dtype, n)
+        for bad in values:
+            for pos in {0, n // 2, n - 1}:
+                assert not all_finite(_values(dtype, n, bad, pos)), (dtype, n, bad, pos)
+    # extremes are finite
+    info = torch.finfo(dtype)
+    assert all_finite(torch.tensor([info.max, info.min, info.tiny, 0.0], dtype=torch.float64).to(dtype))
+
+
+def test_all_finite_other_tensors():
+    assert all_finite(torch.empty(0, 4, dtype=torch.bfloat16))
+    assert all_finite(torch.tensor(1.5)) and not all_finite(torch.tensor(float("nan")))
+    assert all_finite(torch.tensor([-(2**63), 2**63 - 1]))
+    assert all_finite(torch.tensor([True, False]))
+
+
+def test_describe_nonfinite():
+    t = torch.zeros(3, 4, dtype=torch.bfloat16)
+    t[1, 2] = float("nan")
+    t[2, 0] = float("inf")
+    assert describe_nonfinite(t) == "2 of 12 values are NaN or inf, the first at [1, 2]"
+    assert describe_nonfinite(torch.full((2,), float("nan")).to(torch.float8_e4m3fn)) == "2 of 2 values are NaN, the first at [0]"
+    assert describe_nonfinite(torch.tensor(float("-inf"))) == "1 of 1 values are inf, the first at []"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_reader_rejects_a_non_finite_tensor(tmp_path, dtype):
+    path = tmp_path / "w.safetensors"
+    bad = torch.ones(3, 5)
+    bad[2, 1] = float("nan")
+    save_file({"a.weight": torch.ones(2, 2).to(dtype), "b.weight": bad.to(dtype), "ids": torch.arange(4)}, str(path))
+    header = read_safetensors_header(path)["b.weight"].dtype
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(
+            f"{path}: tensor 'b.weight' {header}[3, 5] holds non-finite values (1 of 15 values are NaN, the first at [2, 1]); "
+            "the file is corrupt or was saved from a diverged model"
+        ),
+    ):
+        dict(iter_shard_tensors(path))
+    assert set(dict(iter_shard_tensors(path, ("a.weight", "ids")))) == {"a.weight", "ids"}  # only what is read is checked
+
+
+def test_nan_base_tensor_is_named_on_load(tiny_dir, tmp_path):
+    src = _copy(tiny_dir, tmp_path)
+    name = "visual.merger.mlp.0.weight"
+    shard = _rewrite(src, lambda t: t[name].fill_(float("nan")))
+    list_checkpoint_files(src)  # headers alone cannot tell
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(f"{shard}: tensor '{name}' BF16[128, 128] holds non-finite values (16384 of 16384 values are NaN, the first at [0, 0])"),
+    ):
+        TorchEncoder.from_pretrained(src)

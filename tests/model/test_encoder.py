@@ -5,19 +5,23 @@ files on disk), never hard-coded.
 """
 
 import json
+import os
+import re
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file
 
 from jev4.errors import EncodeError, TaskError
 from jev4.model.checkpoint import list_checkpoint_files
 from jev4.model.config import load_config
-from jev4.model.encoder import TorchEncoder
+from jev4.model.encoder import TorchEncoder, describe_image, describe_text
 from jev4.model.lora import MultiTaskLoRALinear
 from jev4.model.network import build_network, load_base_weights
+from jev4.model.preprocess import DEFAULT_MAX_LENGTH
 
 TEXTS = [
     "What is the capital of France?",
@@ -354,8 +358,13 @@ def test_bad_inputs(encoder, tmp_path):
         encoder.encode_text(["a"], task=["code", "code"])
     with pytest.raises(EncodeError, match="batch_size must be >= 1"):
         encoder.encode_text(["a"], batch_size=0)
-    with pytest.raises(EncodeError, match="encode_text takes strings"):
+    with pytest.raises(EncodeError, match=r"^text #1 is of type int, not str; encode_text takes strings \(use encode_image for images\)$"):
         encoder.encode_text(["a", 3])
+    with pytest.raises(EncodeError, match=r"^text #0 is of type bytes, not str"):
+        encoder.encode_text([b"utf-8 bytes"])
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    with pytest.raises(EncodeError, match=r"^text #2 is of type PngImageFile, not str.*use encode_image"):
+        encoder.encode_text(["a", "b", Image.open(tmp_path / "ok.png")])
     with pytest.raises(EncodeError, match="not-there.png: image file not found"):
         encoder.encode_image([tmp_path / "not-there.png"])
     with pytest.raises(EncodeError, match="not-there.png"):
@@ -405,3 +414,122 @@ def test_bf16_close_to_fp32(tiny_dir, encoder, images):
     assert inv_freq and all(b.dtype == torch.float32 for b in inv_freq)
     # LoRA weights stay fp32 on a bf16 base
     assert bf16.network.multi_vector_projector.lora_A.dtype == torch.float32
+
+
+UNICODE_HINT = "; decode your input as UTF-8 (invalid bytes?)"
+
+
+def test_text_that_is_not_valid_unicode(encoder):
+    """A lone surrogate is one EncodeError naming the input, the character and its position; not a tokenizer traceback."""
+    with pytest.raises(EncodeError, match=re.escape(r"text #1 is not valid Unicode: lone surrogate '\ud800' at position 3" + UNICODE_HINT)):
+        encoder.encode_text(["fine", "abc\ud800def", "fine too"])
+    # what sys.argv or os.fsdecode make of invalid UTF-8 bytes (surrogateescape)
+    argv_like = os.fsdecode(b"caf\xe9 au lait")
+    assert argv_like == "caf\udce9 au lait"
+    with pytest.raises(EncodeError, match=re.escape(r"text #0 is not valid Unicode: lone surrogate '\udce9' at position 3" + UNICODE_HINT)):
+        encoder.encode_text(argv_like)
+    with pytest.raises(EncodeError, match=re.escape(r"text #2 is not valid Unicode: lone surrogate '\udcff' at position 0")):
+        encoder.encode_text(["a", "b", "\udcff"], return_multivector=True)
+    # a surrogate pair spelled out in a str is two lone surrogates, not an emoji
+    with pytest.raises(EncodeError, match=re.escape(r"text #0 is not valid Unicode: lone surrogate '\ud83d' at position 2")):
+        encoder.encode_text(["hi\ud83d\ude00"])
+    assert encoder.encode_text(["hi \U0001f600 caf\u00e9"]).shape == (1, 64)  # real non-ASCII text is fine
+
+
+def test_describe_inputs(tmp_path, images):
+    assert describe_text(3, "short") == "text #3 'short'"
+    assert describe_text(0, "y" * 40) == f"text #0 '{'y' * 40}'"
+    assert describe_text(1, "z" * 41) == f"text #1 '{'z' * 40}'..."
+    assert describe_text(2, "a\nb") == "text #2 'a\\nb'"
+    assert describe_image(4, tmp_path / "cat.png") == f"image #4 {tmp_path / 'cat.png'}"
+    assert describe_image(0, images[0]) == "image #0 (PIL image 90x60)"
+    images[0].save(tmp_path / "dog.png")
+    assert describe_image(1, Image.open(tmp_path / "dog.png")) == f"image #1 {tmp_path / 'dog.png'}"
+
+
+NON_FINITE = (
+    ": the model produced a non-finite {kind} (NaN or inf); "
+    "an overflow in fp16 or another reduced precision, or non-finite weights, would do this"
+)
+
+
+def _poison_rows(encoder, monkeypatch, target: str, prompt: str = "Query: "):
+    """Make ``_forward`` return NaN for the row holding ``target`` (found by its token count, unique in TEXTS)."""
+    lengths = encoder.preprocessor.token_lengths([prompt + t for t in TEXTS], DEFAULT_MAX_LENGTH)
+    target_length = lengths[TEXTS.index(target)]
+    assert lengths.count(target_length) == 1
+    forward = encoder._forward
+
+    def poisoned(inputs, tasks):
+        single, multi = (t.clone() for t in forward(inputs, tasks))  # inference tensors are read-only
+        for row, length in enumerate(inputs.lengths):
+            if length == target_length:
+                single[row, 40] = float("nan")
+                multi[row, length - 1, 0] = float("inf")
+        return single, multi
+
+    monkeypatch.setattr(encoder, "_forward", poisoned)
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_non_finite_output_names_the_input(encoder, monkeypatch, batch_size):
+    """The bad row is named by its input index and text, not its (length-sorted) row in the batch."""
+    target = TEXTS[3]
+    _poison_rows(encoder, monkeypatch, target)
+    expected = "text #3 'def f(a):\\n    return a * 2'"
+    with pytest.raises(EncodeError, match="^" + re.escape(expected + NON_FINITE.format(kind="vector")) + "$"):
+        encoder.encode_text(TEXTS, batch_size=batch_size)
+    with pytest.raises(EncodeError, match="^" + re.escape(expected + NON_FINITE.format(kind="multi-vector")) + "$"):
+        encoder.encode_text(TEXTS, batch_size=batch_size, return_multivector=True)
+    # checked before Matryoshka truncation: the NaN in dimension 40 is an error at truncate_dim=8 too
+    with pytest.raises(EncodeError, match=re.escape(expected)):
+        encoder.encode_text(TEXTS, batch_size=batch_size, truncate_dim=8)
+    # the other inputs are fine
+    others = [t for t in TEXTS if t != target]
+    assert torch.isfinite(encoder.encode_text(others, batch_size=batch_size)).all()
+
+
+@pytest.fixture
+def fresh_encoder(tiny_dir):
+    """An encoder of its own, for tests that break its weights in memory."""
+    return TorchEncoder.from_pretrained(tiny_dir)
+
+
+def test_inf_weight_in_memory_names_the_first_input(fresh_encoder, images, tmp_path):
+    fresh_encoder.network.model.language_model.norm.weight.data[7] = float("inf")
+    with pytest.raises(EncodeError, match="^" + re.escape("text #0 'only one'" + NON_FINITE.format(kind="vector")) + "$"):
+        fresh_encoder.encode_text(["only one"])
+    with pytest.raises(EncodeError, match=re.escape("(and 1 more input(s) of the same batch)")):
+        fresh_encoder.encode_text(["one", "two"])
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        img.save(paths[-1])
+    # batches are sorted by area, largest first: image #2 runs first
+    with pytest.raises(EncodeError, match="^" + re.escape(f"image #2 {paths[2]}" + NON_FINITE.format(kind="vector")) + "$"):
+        fresh_encoder.encode_image(paths, batch_size=1)
+    with pytest.raises(EncodeError, match="^" + re.escape("image #0 (PIL image 90x60)" + NON_FINITE.format(kind="multi-vector"))):
+        fresh_encoder.encode_image(images[:1], return_multivector=True)
+
+
+def test_only_returned_outputs_are_checked(fresh_encoder):
+    """A NaN in the multi-vector projector breaks multi-vectors; the single vectors do not use it and still pass."""
+    fresh_encoder.network.multi_vector_projector.base.weight.data[0, 0] = float("nan")
+    single = fresh_encoder.encode_text(TEXTS)
+    assert torch.isfinite(single).all()
+    with pytest.raises(EncodeError, match=re.escape(NON_FINITE.format(kind="multi-vector"))):
+        fresh_encoder.encode_text(TEXTS, return_multivector=True)
+
+
+def test_fp16_overflow_is_an_error(tiny_dir):
+    """Weights fine in fp32 whose MLP activations pass fp16's 65504 give NaN embeddings in fp16: an error, not output."""
+    outputs = {}
+    for dtype in ("fp32", "fp16"):
+        enc = TorchEncoder.from_pretrained(tiny_dir, dtype=dtype)
+        enc.network.model.language_model.layers[0].post_attention_layernorm.weight.data.fill_(1000.0)
+        if dtype == "fp32":
+            outputs[dtype] = enc.encode_text(["overflows"])
+            assert torch.isfinite(outputs[dtype]).all()
+        else:
+            with pytest.raises(EncodeError, match="^" + re.escape("text #0 'overflows'" + NON_FINITE.format(kind="vector")) + "$"):
+                enc.encode_text(["overflows"])
