@@ -309,6 +309,41 @@ def remove_stale(target: Path) -> list[Path]:
     return removed
 
 
+# --------------------------------------------------------------------------- errors while writing
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
+_MESSAGE_ERRNO = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT, "StorageFull": errno.ENOSPC, "problem writing element": errno.EIO}  # the last: numpy's short write
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, its explicit cause, or a library's wrapped message (safetensors, torch.onnx).
+
+    Only ``raise ... from`` chains are followed: an OSError that was merely
+    being handled when another error arose is not that error's reason.
+    """
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        for text, code in _MESSAGE_ERRNO.items():
+            if text in str(current):
+                return OSError(code, text)
+        current = current.__cause__
+    return None
+
+
+def _name_output(exc: BaseException, out: Path) -> None:
+    """A write error that names no file (a full disk inside a library) is about OUT: raise it as an OSError naming OUT."""
+    found = os_error_in(exc)
+    if found is None or found.errno not in _WRITE_ERRNOS:
+        return
+    if found is exc and exc.filename is not None:
+        return
+    raise OSError(found.errno, found.strerror or os.strerror(found.errno), str(out)) from exc
+
+
 # --------------------------------------------------------------------------- temp dirs and publication
 
 
@@ -409,8 +444,9 @@ def atomic_output_dir(out: str | Path, force: bool = False, sources: Iterable[st
             (tmp / TEMP_MARKER).unlink()
             _publish_permissions(tmp)
             _publish(tmp, target, force)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            _name_output(exc, out)
             raise
     log.info("wrote %s", out)
 
@@ -428,7 +464,8 @@ def atomic_output_file(out: str | Path, force: bool = False, sources: Iterable[s
                 raise Jev4Error(f"{out}: the writer produced no file")  # a bug in the caller, named plainly
             _publish_permissions(tmp)
             _publish(tmp, target, force)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            _name_output(exc, out)
             raise
     log.info("wrote %s", out)

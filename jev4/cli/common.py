@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from jev4.atomic import os_error_in
 from jev4.errors import Jev4Error
 
 log = logging.getLogger("jev4")
@@ -102,25 +103,8 @@ _OS_ADVICE = {
     errno.ENOENT: "no such file or directory",
     errno.EMFILE: "too many open files; raise the limit (ulimit -n)",
     errno.EFBIG: "file too large for this file system or limit (ulimit -f)",
+    errno.EIO: "the write failed (is the disk full or failing?)",
 }
-_MESSAGE_ERRNO = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT, "StorageFull": errno.ENOSPC}
-
-
-def os_error_in(exc: BaseException) -> OSError | None:
-    """The OSError behind ``exc``: itself, its cause or context, or a library's wrapped message (safetensors, torch.onnx)."""
-    seen = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno is not None:
-            return current
-        for text, code in _MESSAGE_ERRNO.items():
-            if text in str(current):
-                return OSError(code, text)
-        current = current.__cause__ or current.__context__
-    return None
-
-
 def describe_os_error(exc: OSError) -> str:
     """One line: the path, what went wrong, what to do; nothing was published (atomic outputs)."""
     what = _OS_ADVICE.get(exc.errno, exc.strerror or str(exc))

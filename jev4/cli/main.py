@@ -27,13 +27,16 @@ def _encode(args: argparse.Namespace) -> int:
     aside and published whole (jev4.atomic), exactly at ``--out``.
     """
     import numpy as np
+
     import jev4.runtime as rt
-    from jev4.atomic import claim_output, atomic_output_file
+    from jev4.atomic import atomic_output_file, claim_output
+    from jev4.model.encoder import check_texts
 
     if not args.text and not args.image:
         raise SettingsError("jev4 encode: give --text and/or --image")
     if args.batch_size < 1:
         raise SettingsError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_texts(args.text)
     with claim_output(args.out, args.force, (args.model, *args.image), kind="file"):
         info = rt.inspect(args.model)
         info.config.check_truncate_dim(args.truncate_dim)

@@ -27,6 +27,8 @@ from jev4.export.qwen2_text import PROJECTOR_FILE, qwen2_config, sentence_transf
 from jev4.model.adapters import TaskLora, adapter_dir_of, load_adapters
 from jev4.model.checkpoint import (
     CheckpointFiles,
+    all_finite,
+    describe_nonfinite,
     canonical_name,
     check_accounting,
     iter_shard_tensors,
@@ -166,6 +168,8 @@ def _merge_checkpoint(settings: MergeSettings, progress: bool, output_codec: Out
                     tensor = tensor.float() + lora.delta()
                     merged_count += 1
                 tensor = tensor.to(out_dtype)
+                if out_dtype == torch.float16 and not all_finite(tensor):  # fp16 tops out at 65504; bf16 has fp32's range
+                    raise CheckpointError(f"{path}: tensor {disk_name!r} overflows fp16 after the merge ({describe_nonfinite(tensor)}); export with --dtype bf16 or fp32")
                 if settings.text_only and name.startswith("multi_vector_projector."):
                     projector[name] = tensor.contiguous()
                 else:
