@@ -4,11 +4,20 @@ Prompts, the image chat template, tokenisation, the Qwen2.5-VL image
 processor, pooling masks and 3-D M-RoPE position ids are computed here once,
 so that the torch reference and any exported graph see identical inputs.
 
-Image processor backend: jev4 pins transformers' PIL implementation
-(``Qwen2VLImageProcessorPil``). Upstream loads the torchvision ("fast")
-backend; both resize with bicubic interpolation but may differ by rounding,
-so image embeddings can differ slightly from upstream's. torchvision does not
-install beside the CPU torch these machines use.
+Images are first read as a viewer shows them (``jev4.model.images``: any PIL
+mode to 8-bit RGB, EXIF orientation, alpha on white, size limits), then go
+through one of two image processor backends, chosen by ``image_backend``:
+
+- ``"torch"`` (the default): ``jev4.model.image_resize``, transformers'
+  torchvision ("fast") Qwen2-VL processor reproduced with torch ops. Upstream
+  loads the fast processor (``use_fast=True``), so this is upstream's
+  preprocessing; a fixture from the real one pins it to within 1e-6.
+  torchvision itself does not install beside the CPU torch jev4 uses.
+- ``"pil"``: transformers' ``Qwen2VLImageProcessorPil``, jev4's processor
+  before the torch one. It resizes with PIL's bicubic filter, which differs
+  from the fast processor's at a few pixels by one or two 8-bit levels (on
+  the fixture: at most 2), so its image embeddings are close to upstream's,
+  not equal.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -24,6 +34,8 @@ from PIL import Image
 
 from jev4.errors import CheckpointError, EncodeError
 from jev4.model.config import JinaV4Config
+from jev4.model.image_resize import TorchImageProcessor
+from jev4.model.images import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +46,9 @@ QUERY_ONLY_TASKS = ("text-matching",)
 IMAGE_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n"
 IMAGE_PAD = "<|image_pad|>"
 DEFAULT_MAX_LENGTH = 32768
+ImageBackend = Literal["torch", "pil"]
+IMAGE_BACKENDS: tuple[str, ...] = get_args(ImageBackend)
+DEFAULT_IMAGE_BACKEND: ImageBackend = "torch"
 
 
 def text_prefix(task: str, prompt_name: str | None) -> str:
@@ -119,13 +134,21 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def load_image_processor(model_dir: Path):
-    """The Qwen2-VL image processor from ``preprocessor_config.json``, PIL backend (see module doc)."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+def load_image_processor(model_dir: Path, backend: ImageBackend = DEFAULT_IMAGE_BACKEND):
+    """The Qwen2-VL image processor from ``preprocessor_config.json``, or None without one (see module doc).
 
+    ``backend`` "torch" (default) is upstream's fast processor reproduced in
+    torch; "pil" is transformers' PIL processor.
+    """
+    if backend not in IMAGE_BACKENDS:
+        raise EncodeError(f"unknown image_backend {backend!r}; choose one of {list(IMAGE_BACKENDS)}")
     path = Path(model_dir) / "preprocessor_config.json"
     if not path.is_file():
         return None
+    if backend == "torch":
+        return TorchImageProcessor.from_pretrained(model_dir)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
     return Qwen2VLImageProcessorPil.from_pretrained(str(model_dir))
 
 
@@ -194,8 +217,8 @@ class Preprocessor:
         self.spatial_merge_size = int(vision.get("spatial_merge_size", 2))
 
     @classmethod
-    def from_dir(cls, model_dir: Path, config: JinaV4Config) -> Preprocessor:
-        return cls(config, load_tokenizer(model_dir), load_image_processor(model_dir))
+    def from_dir(cls, model_dir: Path, config: JinaV4Config, image_backend: ImageBackend = DEFAULT_IMAGE_BACKEND) -> Preprocessor:
+        return cls(config, load_tokenizer(model_dir), load_image_processor(model_dir, image_backend))
 
     def token_lengths(self, texts: Sequence[str], max_length: int) -> list[int]:
         encoded = self.tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)
@@ -216,7 +239,11 @@ class Preprocessor:
         )
 
     def image_inputs(self, images: Sequence[Image.Image], max_pixels: int | None = None) -> ModelInputs:
-        """Images in the fixed chat template; one ``<|image_pad|>`` per merged patch."""
+        """Images in the fixed chat template; one ``<|image_pad|>`` per merged patch.
+
+        Each image is read as a viewer shows it first (``decode_image``: a
+        no-op for RGB images without EXIF rotation), whichever backend runs.
+        """
         if self.image_processor is None:
             raise EncodeError("this model has no image processor (no preprocessor_config.json; a text-only export?): it cannot encode images")
         kwargs = {}
@@ -225,7 +252,8 @@ class Preprocessor:
             if max_pixels < size.get("shortest_edge", 0):
                 raise EncodeError(f"max_pixels={max_pixels} is below the processor's minimum of {size['shortest_edge']} pixels")
             kwargs["size"] = {**size, "longest_edge": int(max_pixels)}
-        processed = self.image_processor(images=list(images), return_tensors="pt", **kwargs)
+        rgb = [decode_image(image, index=index) for index, image in enumerate(images)]
+        processed = self.image_processor(images=rgb, return_tensors="pt", **kwargs)
         grid = processed["image_grid_thw"]
         merge = self.spatial_merge_size**2
         prompts = [IMAGE_PROMPT.replace(IMAGE_PAD, IMAGE_PAD * (int(g.prod()) // merge)) for g in grid]
@@ -256,14 +284,8 @@ def vision_span_mask(input_ids: torch.Tensor, start_id: int, end_id: int) -> tor
 
 
 def load_image(item: Image.Image | str | Path) -> Image.Image:
-    """A PIL image from an image or a path, converted to RGB; a bad path is a clear error."""
-    if isinstance(item, Image.Image):
-        return item.convert("RGB")
-    path = Path(item)
-    if not path.is_file():
-        raise EncodeError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except OSError as exc:
-        raise EncodeError(f"{path}: not a readable image ({exc})") from exc
+    """An 8-bit RGB PIL image of a path or an image, as a viewer shows it; bad input is an ``EncodeError``.
+
+    See ``jev4.model.images.decode_image`` (the limits, the per-mode rules).
+    """
+    return decode_image(item)
