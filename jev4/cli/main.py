@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
-
 from jev4.cli.common import common_flags, run_command
-from jev4.errors import EncodeError, SettingsError, TaskError
+from jev4.errors import SettingsError, TaskError
 
 log = logging.getLogger("jev4")
 
@@ -31,6 +29,7 @@ def _encode(args: argparse.Namespace) -> int:
     import jev4.runtime as rt
     from jev4.atomic import atomic_output_file, claim_output
     from jev4.model.encoder import check_texts
+    from jev4.model.preprocess import load_image
 
     if not args.text and not args.image:
         raise SettingsError("jev4 encode: give --text and/or --image")
@@ -42,9 +41,8 @@ def _encode(args: argparse.Namespace) -> int:
         info.config.check_truncate_dim(args.truncate_dim)
         if args.task not in info.tasks:
             raise TaskError(f"unknown task {args.task!r}; {args.model} has {list(info.tasks)}")
-        missing = [path for path in args.image if not Path(path).is_file()]
-        if missing:
-            raise EncodeError(f"{missing[0]}: image file not found")
+        for path in args.image:  # unreadable, too large or too elongated: refused before the model loads
+            load_image(path)
         encoder = rt.load(args.model, provider=args.provider, device=args.device, dtype=args.dtype)
         arrays = {}
         common = dict(task=args.task, truncate_dim=args.truncate_dim, return_multivector=args.multivector, batch_size=args.batch_size, progress=not args.no_progress)
@@ -59,12 +57,6 @@ def _encode(args: argparse.Namespace) -> int:
                 np.savez(handle, **arrays)
     log.info("wrote %d embeddings to %s", len(arrays), args.out)
     return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    from jev4.cli.export import main as export_main
-
-    return export_main(args.rest)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -256,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.set_defaults(handler=_encode)
 
     exp = sub.add_parser("export", help="same as jev4-export", add_help=False)
-    exp.add_argument("rest", nargs=argparse.REMAINDER)
-    exp.set_defaults(handler=_export)
+    exp.add_argument("rest", nargs=argparse.REMAINDER)  # listed here; main() hands `jev4 export ...` to jev4-export's parser
 
     val = sub.add_parser("validate", parents=[common], help="parity and retrieval quality of an artifact vs the reference; exit 0 pass, 1 fail, 2 bad input")
     val.add_argument("--reference", required=True, help="reference checkpoint (dir or hub id), run with unmerged adapters in fp32")
@@ -423,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:  # jev4-export's own parser, --help included
+        from jev4.cli.export import main as export_main
+
+        return export_main(argv[1:])
     args = build_parser().parse_args(argv)
     return run_command(args.handler, args)
 

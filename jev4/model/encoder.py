@@ -229,7 +229,7 @@ class Encoder(ABC):
     ) -> torch.Tensor | list[torch.Tensor]:
         """Embed images (PIL images or paths) with the fixed image prompt; pooled over the vision span."""
         items = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
-        loaded = [load_image(item) for item in items]
+        loaded = [load_image(item, index) for index, item in enumerate(items)]
         labels = self._task_labels(task, len(loaded))
         order = sorted(range(len(loaded)), key=lambda i: -(loaded[i].width * loaded[i].height))
         vectors = self._run(

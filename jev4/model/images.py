@@ -140,6 +140,8 @@ def decode_image(item: Image.Image | str | Path, limits: ImageLimits = DEFAULT_L
         item.load()
         return to_rgb(item)
     path = Path(item)
+    if path.is_dir():
+        raise EncodeError(f"{path}: is a directory, not a readable image file")
     if not path.is_file():
         raise EncodeError(f"{path}: image file not found")
     try:

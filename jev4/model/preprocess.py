@@ -283,9 +283,10 @@ def vision_span_mask(input_ids: torch.Tensor, start_id: int, end_id: int) -> tor
     return inside.clamp(0, 1).to(torch.long)
 
 
-def load_image(item: Image.Image | str | Path) -> Image.Image:
-    """An 8-bit RGB PIL image of a path or an image, as a viewer shows it; bad input is an ``EncodeError``.
+def load_image(item: Image.Image | str | Path, index: int | None = None) -> Image.Image:
+    """An 8-bit RGB PIL image of a path or an image, as a viewer shows it; bad input is an ``EncodeError`` naming it.
 
-    See ``jev4.model.images.decode_image`` (the limits, the per-mode rules).
+    ``index`` (the input's position) names in-memory images in errors. See
+    ``jev4.model.images.decode_image`` (the limits, the per-mode rules).
     """
-    return decode_image(item)
+    return decode_image(item, index=index)
