@@ -17,7 +17,7 @@ import torch
 
 import jev4.runtime as rt
 from jev4.atomic import atomic_output_dir, claim_output
-from jev4.errors import ConfigError, SettingsError
+from jev4.errors import ConfigError, SettingsError, TaskError
 from jev4.export.manifest import MANIFEST_NAME, package_versions, read_manifest
 from jev4.datasets import load_sts_tsv, resolve_dataset
 from jev4.validate.parity import run_parity
@@ -95,6 +95,10 @@ def validate(settings: ValidateSettings) -> ValidationReport:
 
 
 def _validate(settings: ValidateSettings) -> ValidationReport:
+    for role, path in (("reference", settings.reference), ("artifact", settings.artifact)):
+        tasks = rt.inspect(path).tasks  # config and manifest only: a wrong --adapter fails before any model loads
+        if settings.adapter not in tasks:
+            raise TaskError(f"--adapter {settings.adapter!r}: the {role} {path} has {list(tasks)}")
     precision = settings.precision or artifact_precision(Path(settings.artifact))
     thresholds = load_thresholds(precision, Path(settings.thresholds) if settings.thresholds else None)
     datasets = [resolve_dataset(name, settings.max_queries, settings.max_docs) for name in settings.datasets]

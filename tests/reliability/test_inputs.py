@@ -22,7 +22,7 @@ from jev4.errors import AdapterError, CheckpointError, EncodeError, Jev4Error, M
 from harness import BIN, TRACEBACK, Result, command, env, run, temp_entries
 from conftest import copy_tree
 
-LOADED = ("loaded ", "adapter ", "merged ")  # log lines that mean weights were read
+LOADED = ("jev4.model.encoder: loaded", "jev4.model.adapters: adapter", "jev4.runtime.text_only: loaded", "jev4.export.merge: merged")  # weights were read
 
 
 def _before_load(result: Result) -> str:
@@ -83,9 +83,24 @@ def test_encode_needs_an_input(tiny, tmp_path):
     assert "give --text and/or --image" in line
 
 
-def test_validate_arguments(tiny, merged, tmp_path):
-    line = _before_load(run(command("jev4", "validate", "--reference", tiny, "--adapter", "retrieval", "--artifact", merged, "--out", tmp_path / "r", "--max-docs", "0")))
-    assert "--max-docs must be a positive integer" in line
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-docs", "0"], "--max-docs must be a positive integer"),
+        (["--adapter", "code"], "--adapter 'code': the artifact"),
+        (["--dataset", "/no/such/beir"], "unknown dataset '/no/such/beir'"),
+        (["--thresholds", "{bad"], "not valid JSON"),
+    ],
+)
+def test_validate_arguments(tiny, merged, tmp_path, args, message):
+    if args[0] == "--thresholds":
+        (tmp_path / "t.json").write_text(args[1])
+        args = ["--thresholds", tmp_path / "t.json"]
+    base = {"--reference": tiny, "--adapter": "retrieval", "--artifact": merged, "--out": tmp_path / "r"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    line = _before_load(run(command("jev4", "validate", *[x for kv in base.items() for x in kv])))
+    assert message in line
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("sub", ["make-tiny", "encode", "export", "validate", "build-engine", "qat", "demo", "bench merge", "bench codecs"])
