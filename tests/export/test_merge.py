@@ -299,3 +299,19 @@ def test_failure_midway_keeps_previous_output(tmp_path, merge_source, monkeypatc
         merge_checkpoint(MergeSettings(model=str(merge_source), adapter="code", out=str(out), force=True), progress=False)
     assert (out / MANIFEST_NAME).read_text() == before
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_fp16_overflow_after_merge_is_named(tmp_path, merge_source):
+    """bf16 holds values fp16 cannot (max 65504): a merge to fp16 that would write inf names the tensor."""
+    src = _copy(merge_source, tmp_path / "src")
+    shard = sorted(src.glob("model*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    name = next(n for n in sorted(tensors) if n.endswith("post_attention_layernorm.weight"))
+    tensors[name] = torch.full_like(tensors[name], 1e5)  # finite in bf16
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=rf"{name}.*overflows fp16 after the merge.*--dtype bf16 or fp32"):
+        merge_checkpoint(MergeSettings(model=str(src), adapter="retrieval", out=str(out), dtype="fp16"), progress=False)
+    _assert_no_output(out)
+    merge_checkpoint(MergeSettings(model=str(src), adapter="retrieval", out=str(out), dtype="bf16"), progress=False)
+    verify_manifest(out)
