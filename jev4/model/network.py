@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from jev4.errors import CheckpointError
+from jev4.errors import CheckpointError, SettingsError
 from jev4.model.adapters import AdapterSet
 from jev4.model.checkpoint import CheckpointFiles, canonical_name, check_accounting, iter_shard_tensors
 from jev4.model.config import JinaV4Config
@@ -41,7 +41,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of fp32, bf16, fp16") from None
+        raise SettingsError(f"unknown dtype {name!r}; choose one of fp32, bf16, fp16") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 import torch
+
+from jev4.errors import SettingsError
 from safetensors.torch import save_file
 
 from jev4.model.checkpoint import INDEX_NAME, SINGLE_NAME
@@ -22,7 +24,7 @@ class ShardWriter:
 
     def __init__(self, out: Path, max_bytes: int):
         if max_bytes <= 0:
-            raise ValueError("max_bytes must be positive")
+            raise SettingsError(f"max_bytes must be positive, got {max_bytes}")
         self.out, self.max_bytes = Path(out), max_bytes
         self.buffer: dict[str, torch.Tensor] = {}
         self.buffered = 0

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from jev4.atomic import atomic_output_dir
+from jev4.errors import SettingsError
 from jev4.model.checkpoint import ADAPTER_DIR, INDEX_NAME, old_layout_name
 from jev4.model.config import parse_config
 from jev4.model.network import JinaEmbeddingsV4, linear_shapes, parse_dtype
@@ -304,7 +305,7 @@ def write_tiny_checkpoint(
     """Write the toy checkpoint. ``layout`` names the base keys' layout (upstream writes "old");
     ``adapter_layout`` the adapter keys' (upstream writes "new")."""
     if layout not in ("old", "new") or adapter_layout not in ("old", "new"):
-        raise ValueError(f"layout must be 'old' or 'new', got {layout!r} / {adapter_layout!r}")
+        raise SettingsError(f"layout must be 'old' or 'new', got {layout!r} / {adapter_layout!r}")
     store_dtype, lora_dtype = parse_dtype(dtype), parse_dtype(adapter_dtype)
     gen = torch.Generator().manual_seed(seed)
     with atomic_output_dir(out, force=force) as tmp:
