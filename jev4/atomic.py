@@ -160,11 +160,10 @@ def check_output_path(out: str | Path, force: bool, sources: Iterable[str | Path
 # --------------------------------------------------------------------------- locking
 
 
-@dataclass
+@dataclass(frozen=True)
 class _HeldLock:
     fd: int
     path: Path
-    depth: int = 1
 
 
 _HELD: dict[Path, _HeldLock] = {}  # per process: locks are process state by nature (see the module doc)
@@ -224,13 +223,8 @@ def claim_output(out: str | Path, force: bool = False, sources: Iterable[str | P
     sources = tuple(sources)
     check_output_path(out, force, sources, kind)
     target = _resolved(out)
-    held = _HELD.get(target)
-    if held is not None:
-        held.depth += 1
-        try:
-            yield out
-        finally:
-            held.depth -= 1
+    if target in _HELD:  # this process claimed OUT already (an outer step of the same run): the outer claim releases it
+        yield out
         return
     created = [p for p in reversed(target.parents) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
