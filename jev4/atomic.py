@@ -109,7 +109,8 @@ def _write_owner(path: Path, owner: Owner) -> None:
 
 
 def _resolved(path: str | Path) -> Path:
-    return Path(os.path.abspath(Path(path).expanduser()))
+    """Absolute, literal: ``~`` is the shell's to expand (a quoted ``'~'`` names a directory called ``~``)."""
+    return Path(os.path.abspath(path))
 
 
 def _related(a: Path, b: Path) -> str | None:
@@ -129,6 +130,10 @@ def check_output_path(out: str | Path, force: bool, sources: Iterable[str | Path
     file); a source that does not exist locally (a hub id) is skipped.
     ``kind`` is ``dir`` or ``file``: what OUT will be.
     """
+    if not str(out):
+        raise OutputExistsError("the output path is empty; name a directory or file to write")
+    if kind == "file" and str(out).endswith(os.sep):
+        raise OutputExistsError(f"{out}: ends with {os.sep}, which names a directory; give a file name")
     out = Path(out)
     target = _resolved(out)
     if target == Path(target.anchor):
@@ -137,9 +142,12 @@ def check_output_path(out: str | Path, force: bool, sources: Iterable[str | Path
     if kind == "dir" and (target == cwd or target in cwd.parents):
         raise OutputExistsError(f"{out}: is or contains the current directory; name a new directory for the output")
     for source in sources:
-        if source is None or not Path(source).expanduser().exists():
+        if source is None or not str(source):
             continue
-        relation = _related(target, _resolved(source)) or _related(target.resolve(), Path(source).expanduser().resolve())
+        read = Path(source).expanduser()  # the loaders expand ~ in what they read
+        if not read.exists():
+            continue
+        relation = _related(target, _resolved(read)) or _related(target.resolve(), read.resolve())
         if relation is not None:
             raise OutputExistsError(f"{out}: {relation} {source}, which this run reads; choose an output outside it")
     if out.exists() or out.is_symlink():
@@ -219,9 +227,8 @@ def _release(lock: _HeldLock) -> None:
 @contextmanager
 def claim_output(out: str | Path, force: bool = False, sources: Iterable[str | Path | None] = (), kind: str = "dir") -> Iterator[Path]:
     """Check OUT, lock it for the block, and remove what crashed runs to the same OUT left behind."""
-    out = Path(out)
     sources = tuple(sources)
-    check_output_path(out, force, sources, kind)
+    out = check_output_path(out, force, sources, kind)
     target = _resolved(out)
     if target in _HELD:  # this process claimed OUT already (an outer step of the same run): the outer claim releases it
         yield out
@@ -427,8 +434,7 @@ def _publish_permissions(root: Path) -> None:
 @contextmanager
 def atomic_output_dir(out: str | Path, force: bool = False, sources: Iterable[str | Path | None] = ()) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` when the block succeeds (see the module doc)."""
-    out = Path(out)
-    with claim_output(out, force, sources, kind="dir"):
+    with claim_output(out, force, sources, kind="dir") as out:
         target = _resolved(out)
         tmp = _temp_name(target)
         tmp.mkdir(mode=0o700)
@@ -448,8 +454,7 @@ def atomic_output_dir(out: str | Path, force: bool = False, sources: Iterable[st
 @contextmanager
 def atomic_output_file(out: str | Path, force: bool = False, sources: Iterable[str | Path | None] = ()) -> Iterator[Path]:
     """Yield a temporary file path (beside ``out``) that becomes ``out`` when the block succeeds."""
-    out = Path(out)
-    with claim_output(out, force, sources, kind="file"):
+    with claim_output(out, force, sources, kind="file") as out:
         target = _resolved(out)
         tmp = _temp_name(target)
         try:

@@ -44,6 +44,13 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints the whole usage before a bad-option error; jev4 prints one line (the usage is --help's job)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def common_flags() -> argparse.ArgumentParser:
     """The flags every command takes (a parent parser; defaults suppressed so a top-level ``-v`` survives)."""
     parent = argparse.ArgumentParser(add_help=False)

@@ -7,14 +7,14 @@ import logging
 import sys
 from pathlib import Path
 
-from jev4.cli.common import common_flags, run_command
+from jev4.cli.common import OneLineErrorParser, common_flags, run_command
 from jev4.errors import SettingsError
 
 log = logging.getLogger("jev4.export")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         parents=[common_flags()],
         prog="jev4-export",
         description="Merge a task adapter into jina-embeddings-v4 and write a deployable artifact.",
@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float16", "int8", "uint8", "int4", "ternary", "binary", "ubinary"],
         help="record an embedding codec in the artifact (calibrated on the reference); the runtime then returns codes on request",
     )
-    out.add_argument("--output-calib-size", type=int, default=1000, help="documents embedded to calibrate the codec's ranges")
+    out.add_argument("--output-calib-size", type=int, help="documents embedded to calibrate the codec's ranges (default 1000)")
     out.add_argument("--output-calib-data", help="text file, one document per line (default: built-in stdlib-code sources)")
-    out.add_argument("--output-calib-method", choices=["minmax", "percentile"], default="minmax")
+    out.add_argument("--output-calib-method", choices=["minmax", "percentile"], help="default minmax")
     quant = parser.add_argument_group("weight + activation quantization (ONNX with Q/DQ, docs/quantization.md)")
     precision = quant.add_mutually_exclusive_group()
     precision.add_argument("--fp8", action="store_true", help="FP8 E4M3 weights and activations (TensorRT explicit quantization)")
@@ -58,16 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _output_codec_settings(args: argparse.Namespace):
     """The settings of ``--output-precision`` (None without it); checked before any model loads."""
+    given = {"method": args.output_calib_method, "calib_size": args.output_calib_size, "calib_data": args.output_calib_data}
     if args.output_precision is None:
+        if any(value is not None for value in given.values()):
+            raise SettingsError("--output-calib-size, --output-calib-data and --output-calib-method apply with --output-precision only")
         return None
     from jev4.quant.output_codec import OutputCodecSettings
 
-    return OutputCodecSettings(
-        precision=args.output_precision,
-        method=args.output_calib_method,
-        calib_size=args.output_calib_size,
-        calib_data=args.output_calib_data,
-    )
+    return OutputCodecSettings(precision=args.output_precision, **{k: v for k, v in given.items() if v is not None})
 
 
 def _calibrate_output_codec(args: argparse.Namespace, settings):

@@ -5,10 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from jev4.cli.common import common_flags, run_command
+
+from jev4.cli.common import OneLineErrorParser, common_flags, run_command
 from jev4.errors import SettingsError, TaskError
 
 log = logging.getLogger("jev4")
+
+
+def _int_list(text: str | None, flag: str) -> tuple[int, ...]:
+    """``"128,256"`` -> (128, 256); anything else is one line naming the flag."""
+    if not text:
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise SettingsError(f"{flag} {text!r}: expected comma-separated integers, e.g. 128,256") from None
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -33,8 +44,11 @@ def _encode(args: argparse.Namespace) -> int:
 
     if not args.text and not args.image:
         raise SettingsError("jev4 encode: give --text and/or --image")
-    if args.batch_size < 1:
-        raise SettingsError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length)):
+        if value is not None and value < 1:
+            raise SettingsError(f"{flag} must be >= 1, got {value}")
+    if args.multivector and args.truncate_dim is not None:
+        raise SettingsError("--truncate-dim applies to single vectors (Matryoshka); --multivector vectors keep their own dims")
     check_texts(args.text)
     with claim_output(args.out, args.force, (args.model, *args.image), kind="file"):
         info = rt.inspect(args.model)
@@ -47,7 +61,8 @@ def _encode(args: argparse.Namespace) -> int:
         arrays = {}
         common = dict(task=args.task, truncate_dim=args.truncate_dim, return_multivector=args.multivector, batch_size=args.batch_size, progress=not args.no_progress)
         if args.text:
-            out = encoder.encode_text(args.text, prompt_name=args.prompt, **common)
+            lengths = {} if args.max_length is None else {"max_length": args.max_length}
+            out = encoder.encode_text(args.text, prompt_name=args.prompt, **lengths, **common)
             arrays.update({f"text_{i}": np.asarray(v) for i, v in enumerate(out)})
         if args.image:
             out = encoder.encode_image(args.image, **common)
@@ -102,7 +117,7 @@ def _qat(args: argparse.Namespace) -> int:
             out=args.out,
             quantize=args.quantize,
             scaling=args.scaling,
-            matryoshka_dims=tuple(int(d) for d in args.matryoshka_dims.split(",")) if args.matryoshka_dims else (),
+            matryoshka_dims=_int_list(args.matryoshka_dims, "--matryoshka-dims"),
             steps=args.steps,
             batch_size=args.batch_size,
             lr=args.lr,
@@ -138,7 +153,7 @@ def _bench_codecs(args: argparse.Namespace) -> int:
     settings = CodecBenchSettings(
         model=args.model,
         dataset=args.dataset,
-        dims=tuple(int(d) for d in args.dims.split(",")) if args.dims else (),
+        dims=_int_list(args.dims, "--dims"),
         codecs=tuple(check_codec(c.strip()) for c in args.codecs.split(",")) if args.codecs else DEFAULT_CODECS,
         rescore_multiplier=args.rescore_multiplier,
         cache=args.cache,
@@ -218,7 +233,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jev4", description="jina-embeddings-v4 artifacts and their verification.")
+    parser = OneLineErrorParser(prog="jev4", description="jina-embeddings-v4 artifacts and their verification.")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     common = common_flags()
@@ -240,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--truncate-dim", type=int)
     enc.add_argument("--multivector", action="store_true")
     enc.add_argument("--batch-size", type=int, default=8)
+    enc.add_argument("--max-length", type=int, help="tokens per text; longer texts are cut (default: 32768, as upstream)")
     enc.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="torch backend only")
     enc.add_argument("--device", default="cpu", help="torch backend: cpu or cuda[:N]")
     enc.add_argument("--provider", default="cpu", help="ONNX artifacts: onnxruntime provider cpu, cuda or tensorrt")

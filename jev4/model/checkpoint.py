@@ -67,6 +67,8 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None) -> 
     Only data files are downloaded (``HUB_PATTERNS``); upstream's Python files are
     not needed because jev4 has its own modelling code.
     """
+    if not str(name_or_path).strip():
+        raise CheckpointError("the model path is empty; give a checkpoint directory or a hub id (owner/name)")
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -52,10 +52,12 @@ class ArtifactInfo:
 
 
 def _raw_config(root: Path) -> dict[str, Any]:
+    """config.json as a dict, or {} when it is unreadable or not an object (``load_config`` then names the problem)."""
     try:
-        return json.loads((root / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}  # load_config names the problem
+        raw = json.loads((root / CONFIG_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 def inspect(path: str | Path) -> ArtifactInfo:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jev4.errors import ManifestError
+from jev4.errors import EncodeError, ManifestError
 from jev4.export.graphs import GraphSpec, TensorSpec
 from jev4.model.config import JinaV4Config
 from jev4.model.encoder import Encoder
@@ -22,6 +22,19 @@ from jev4.model.preprocess import ModelInputs, Preprocessor
 from jev4.runtime.providers import check_session_providers, import_onnxruntime, provider_list
 
 log = logging.getLogger(__name__)
+
+ATTENTION_PEAK_FACTOR = 6  # peak bytes / (batch * heads * T^2 * 4), measured 5.2-5.4 (see _check_attention_memory)
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no /proc): what can be allocated without swapping."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _spec(data: dict) -> GraphSpec:
@@ -66,6 +79,8 @@ class OnnxRuntimeEncoder(Encoder):
             check_session_providers(session, provider, f"{root}/{spec.file}")
             self.sessions[name] = session
         self.with_images = any(t.name == "image_embeds" for t in self.specs["language"].inputs)
+        text = {**(config.raw.get("text_config") or {}), **config.raw}
+        self.heads = int(text.get("num_attention_heads", 1))
 
     def _image_embeds(self, inputs: ModelInputs) -> np.ndarray:
         from jev4.export.onnx_vision import vision_feed
@@ -73,22 +88,39 @@ class OnnxRuntimeEncoder(Encoder):
         if inputs.pixel_values is None:
             return np.zeros((0, self.config.hidden_size), dtype=self.float_dtype)
         if "vision" not in self.sessions:
-            from jev4.errors import EncodeError
-
             raise EncodeError(f"{self.root}: a text-only artifact cannot encode images")
         feed = vision_feed(inputs.pixel_values, inputs.image_grid_thw, self.config.vision_config, self.float_dtype)
         self.specs["vision"].check_feed(feed, self.float_dtype.name)
         (embeds,) = self.sessions["vision"].run(None, feed)
         return embeds.astype(self.float_dtype, copy=False)
 
+    def _check_attention_memory(self, batch: int, length: int) -> None:
+        """Refuse a batch whose attention would not fit in memory, instead of being killed by the kernel.
+
+        language.onnx computes attention as MatMul-Softmax-MatMul with an
+        explicit mask, so one layer holds several [batch, heads, T, T] fp32
+        tensors at once: measured on the tiny model (onnxruntime 1.32, CPU),
+        peak memory grows by 5.2-5.4 x batch*heads*T^2*4 bytes (T = 2048,
+        4096). One 32k-token text on the real model (16 heads) would need
+        ~400 GB. The torch backend (SDPA) does not materialise these.
+        """
+        need = ATTENTION_PEAK_FACTOR * batch * self.heads * length * length * 4
+        available = available_memory()
+        if available is not None and need > available:
+            raise EncodeError(
+                f"{self.root}: a batch of {batch} x {length} tokens needs about {need / 2**30:.1f} GiB for language.onnx's attention "
+                f"(a {length}x{length} score matrix per head; {available / 2**30:.1f} GiB available); "
+                "pass a smaller max_length or batch_size, or use the torch backend"
+            )
+
     def _forward(self, inputs: ModelInputs, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         feed = language_feed(inputs)
         if self.with_images:
             feed["image_embeds"] = self._image_embeds(inputs)
         elif inputs.pixel_values is not None:
-            from jev4.errors import EncodeError
-
             raise EncodeError(f"{self.root}: a text-only artifact cannot encode images")
         self.specs["language"].check_feed(feed, self.float_dtype.name)
+        if self.provider == "cpu":
+            self._check_attention_memory(inputs.batch_size, int(inputs.input_ids.shape[1]))
         single, multi = self.sessions["language"].run(None, feed)
         return torch.from_numpy(single).float(), torch.from_numpy(multi).float()

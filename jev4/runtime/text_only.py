@@ -46,9 +46,9 @@ def read_text_only_config(root: Path) -> JinaV4Config:
     path = Path(root) / CONFIG_NAME
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-    if not is_text_only(raw):
+    if not isinstance(raw, dict) or not is_text_only(raw):
         raise ConfigError(f"{path}: not a jev4 text-only export (model_type qwen2 with {PROJECTOR_KEY})")
     task = raw.get(MERGED_TASK_KEY)
     hidden = raw.get("hidden_size")

@@ -78,6 +78,50 @@ def test_encode_arguments(tiny, tmp_path, args, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--multivector", "--truncate-dim", "16"], "--truncate-dim applies to single vectors"),
+        (["--max-length", "0"], "--max-length must be >= 1, got 0"),
+        (["--batch-size", "1.5"], "argument --batch-size: invalid int value: '1.5' (see jev4 encode --help)"),
+    ],
+)
+def test_encode_option_combinations(tiny, tmp_path, args, message):
+    result = run(command("jev4", "encode", "--model", tiny, "--text", "hello", "--out", tmp_path / "e.npz", *args))
+    assert result.code == 2 and TRACEBACK not in result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1  # argparse's usage block is not printed
+    assert not (tmp_path / "e.npz").exists()
+
+
+def test_empty_model_path(tmp_path):
+    line = _before_load(run(command("jev4", "encode", "--model", "", "--text", "x", "--out", tmp_path / "e.npz")))
+    assert "the model path is empty" in line
+
+
+def test_output_calibration_flags_need_output_precision(tiny, tmp_path):
+    line = _before_load(run(command("jev4-export", "--model", tiny, "--adapter", "retrieval", "--output-calib-size", "5", "--out", tmp_path / "o")))
+    assert "apply with --output-precision only" in line
+
+
+def test_config_that_is_not_an_object(tiny, tmp_path):
+    model = copy_tree(tiny, tmp_path / "model")
+    (model / "config.json").write_text("[1, 2]")
+    line = _before_load(run(command("jev4", "encode", "--model", model, "--text", "x", "--out", tmp_path / "e.npz")))
+    assert f"{model / 'config.json'}: expected a JSON object, got list" in line
+
+
+def test_onnx_text_too_long_for_memory_is_refused(onnx_artifact, monkeypatch):
+    """language.onnx materialises T x T attention per head: a batch that cannot fit is refused before onnxruntime runs
+    (one 15,000-word text was killed by the kernel at 24 GB before)."""
+    from jev4.runtime import onnxruntime_backend
+
+    encoder = rt.load(onnx_artifact)
+    monkeypatch.setattr(onnxruntime_backend, "available_memory", lambda: 2**30)
+    with pytest.raises(EncodeError, match=r"a batch of 1 x 8192 tokens needs about 6.0 GiB for language.onnx's attention .*1.0 GiB available.*smaller max_length"):
+        encoder.encode_text(["word " * 9000], task="retrieval", max_length=8192)
+    assert encoder.encode_text(["word " * 9000], task="retrieval", max_length=1024).shape == (1, 64)  # fits: runs
+
+
 def test_encode_needs_an_input(tiny, tmp_path):
     line = _before_load(run(command("jev4", "encode", "--model", tiny, "--out", tmp_path / "e.npz")))
     assert "give --text and/or --image" in line

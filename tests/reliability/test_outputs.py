@@ -247,3 +247,23 @@ def test_force_over_a_symlinked_out_replaces_the_link_not_its_target(tiny, tmp_p
     assert result.code == 0, result.stderr
     assert not link.is_symlink() and (link / "jev4-manifest.json").is_file()
     assert sorted(os.listdir(target)) == ["keep"]
+
+
+def test_quoted_tilde_is_a_literal_name(tiny, tmp_path):
+    """A quoted '~' names a directory called ~ (the shell expands ~, not jev4): the home directory is never touched."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "important.txt").write_text("keep")
+    work = tmp_path / "work"
+    work.mkdir()
+    done = subprocess.run(command("jev4", "make-tiny", "~", "--force"), capture_output=True, text=True, cwd=work, env={**env(), "HOME": str(home)})
+    assert done.returncode == 0, done.stderr
+    assert (work / "~" / "config.json").is_file()
+    assert sorted(os.listdir(home)) == ["important.txt"]
+
+
+@pytest.mark.parametrize("out, message", [("emb.npz/", "ends with /, which names a directory"), ("", "the output path is empty")])
+def test_encode_out_names(tiny, tmp_path, out, message):
+    result = run(command("jev4", "encode", "--model", tiny, "--text", "x", "--out", out), cwd=tmp_path)
+    assert result.code == 2 and message in result.one_error()
+    assert os.listdir(tmp_path) == []
