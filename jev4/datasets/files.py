@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 from jev4.datasets.containers import DatasetError, RetrievalDataset, STSDataset
@@ -48,8 +49,12 @@ def load_beir(path: Path, split: str = "test") -> RetrievalDataset:
     ``text``. Only queries with at least one qrels row of score > 0 are kept
     (in ``queries.jsonl`` order); documents keep corpus order. A repeated
     (query, doc) qrels row overrides the earlier one, as in BEIR's loader.
-    Missing files, bad JSON lines, malformed qrels rows and qrels naming
-    unknown ids raise :class:`DatasetError` with the file and line.
+    A score of 0 or below is a judged non-relevant document and is dropped
+    (TREC-style qrels use negative grades, e.g. Touché 2020's -2 for spam);
+    a score that is not a finite number (``nan``, ``inf``) is an error, since
+    it would turn nDCG into NaN. Missing files, bad JSON lines, malformed
+    qrels rows and qrels naming unknown ids raise :class:`DatasetError` with
+    the file and line.
     """
     path = Path(path)
     if not path.is_dir():
@@ -94,6 +99,11 @@ def load_beir(path: Path, split: str = "test") -> RetrievalDataset:
             score = float(score_text)
         except ValueError:
             raise DatasetError(f"{qrels_file}:{number}: score {score_text!r} is not a number") from None
+        if not math.isfinite(score):
+            raise DatasetError(
+                f"{qrels_file}:{number}: score {score_text!r}: relevance must be a finite number "
+                f"(above 0: relevant, the grade is the nDCG gain; 0 or below: not relevant)"
+            )
         if qid not in query_text:
             raise DatasetError(f"{qrels_file}:{number}: unknown query id {qid!r} (not in {queries_file.name})")
         if did not in doc_index:
@@ -142,8 +152,15 @@ def load_sts_tsv(path: Path) -> STSDataset:
             score = float(score_text)
         except ValueError:
             raise DatasetError(f"{path}:{number}: score {score_text!r} is not a number") from None
+        if not math.isfinite(score):
+            raise DatasetError(f"{path}:{number}: score {score_text!r}: the gold score must be a finite number")
         pairs.append((a, b))
         gold.append(score)
     if len(pairs) < 2:
         raise DatasetError(f"{path}: needs at least 2 pairs for a correlation, got {len(pairs)}")
+    if len(set(gold)) == 1:
+        raise DatasetError(
+            f"{path}: all {len(gold)} gold scores are equal ({gold[0]:g}); Spearman correlation is undefined; "
+            f"give pairs with different scores"
+        )
     return STSDataset(name=path.stem, pairs=pairs, gold=gold)

@@ -100,8 +100,10 @@ def read_lora_settings(adapter_dir: Path) -> LoraSettings:
         raise AdapterError(f"{path}: not found (a jina-embeddings-v4 checkpoint keeps its task adapters in adapters/)")
     try:
         cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{path}: must be a JSON object (PEFT's LoraConfig), got {type(cfg).__name__}")
     if cfg.get("use_dora"):
         raise AdapterError(f"{path}: DoRA adapters are not supported")
     if cfg.get("bias", "none") != "none":

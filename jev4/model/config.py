@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ class JinaV4Config:
     special_tokens: SpecialTokens
     torch_dtype: str
     merged_task: str | None = None
+    source: str = field(default=CONFIG_NAME, compare=False)
 
     @property
     def vision_config(self) -> dict[str, Any]:
@@ -95,25 +97,32 @@ class JinaV4Config:
         kwargs = {k: v for k, v in self.raw.items() if k not in JINA_KEYS}
         kwargs.pop("architectures", None)
         kwargs.pop("model_type", None)
-        text = dict(kwargs.pop("text_config", None) or {})
+        text = dict(_section(kwargs, "text_config", self.source))
         # The flat top-level text settings win where both are present: they are
         # what upstream's modelling code reads.
         for key in _TEXT_KEYS:
             if key in kwargs:
                 text[key] = kwargs[key]
         text.pop("model_type", None)
-        text["rope_parameters"] = _rope_parameters(text.pop("rope_scaling", None), text)
+        text["rope_parameters"] = _rope_parameters(_section(text, "rope_scaling", self.source), text, self.source)
+        text.pop("rope_scaling", None)
         text.pop("rope_theta", None)
-        vision = dict(kwargs.pop("vision_config", None) or {})
+        vision = dict(_section(kwargs, "vision_config", self.source))
         vision.pop("model_type", None)
-        cfg = Qwen2_5_VLConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=self.special_tokens.image_token_id,
-            video_token_id=self.special_tokens.video_token_id,
-            vision_start_token_id=self.special_tokens.vision_start_token_id,
-            vision_end_token_id=self.special_tokens.vision_end_token_id,
-        )
+        try:
+            cfg = Qwen2_5_VLConfig(
+                text_config=text,
+                vision_config=vision,
+                image_token_id=self.special_tokens.image_token_id,
+                video_token_id=self.special_tokens.video_token_id,
+                vision_start_token_id=self.special_tokens.vision_start_token_id,
+                vision_end_token_id=self.special_tokens.vision_end_token_id,
+            )
+        except Exception as exc:  # a library's own validation: report it against the file
+            raise ConfigError(
+                f"{self.source}: transformers' Qwen2_5_VLConfig refused these settings "
+                f"({type(exc).__name__}: {_one_line(exc)}); fix the value it names"
+            ) from exc
         return cfg
 
 
@@ -141,9 +150,25 @@ _TEXT_KEYS = (
 )
 
 
-def _rope_parameters(rope_scaling: dict | None, text: dict) -> dict[str, Any]:
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    """A library's (possibly multi-line) message as one line, cut at ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or repr(exc)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _section(where: dict[str, Any], key: str, source: str, prefix: str = "") -> dict[str, Any]:
+    """A nested section (``text_config``, ``rope_scaling``...): absent or null is empty; anything but an object is an error."""
+    value = where.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {prefix}{key} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _rope_parameters(rope_scaling: dict | None, text: dict, source: str = CONFIG_NAME) -> dict[str, Any]:
     """Normalise the two spellings of M-RoPE settings into transformers 5.x ``rope_parameters``."""
-    params = dict(text.get("rope_parameters") or {})
+    params = dict(_section(text, "rope_parameters", source, "text_config."))
     if rope_scaling:
         params.update(rope_scaling)
     params.pop("type", None)
@@ -152,7 +177,7 @@ def _rope_parameters(rope_scaling: dict | None, text: dict) -> dict[str, Any]:
         params["rope_theta"] = text["rope_theta"]
     params.setdefault("rope_theta", 1000000.0)
     if "mrope_section" not in params:
-        raise ConfigError("config.json has no mrope_section in rope_scaling / rope_parameters")
+        raise ConfigError(f"{source}: no mrope_section in rope_scaling / rope_parameters")
     return params
 
 
@@ -163,7 +188,7 @@ def load_config(model_dir: Path) -> JinaV4Config:
         raise ConfigError(f"{path}: not found (is {model_dir} a jina-embeddings-v4 checkpoint?)")
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
@@ -172,7 +197,11 @@ def load_config(model_dir: Path) -> JinaV4Config:
 
 def parse_config(raw: dict[str, Any], source: str = "config.json") -> JinaV4Config:
     """Validate a config dict; every problem is reported with the offending key."""
-    text = {**(raw.get("text_config") or {}), **{k: raw[k] for k in _TEXT_KEYS if k in raw}}
+    text_config = _section(raw, "text_config", source)
+    for key in ("rope_scaling", "rope_parameters"):
+        _section(raw, key, source)
+        _section(text_config, key, source, "text_config.")
+    text = {**text_config, **{k: raw[k] for k in _TEXT_KEYS if k in raw}}
 
     def need_int(key: str, where: dict = text) -> int:
         value = where.get(key)
@@ -185,12 +214,16 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> JinaV4Conf
     kv_heads = need_int("num_key_value_heads")
     layers = need_int("num_hidden_layers")
     need_int("intermediate_size")
-    need_int("vocab_size")
+    vocab = need_int("vocab_size")
     if hidden % heads:
         raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
     if heads % kv_heads:
         raise ConfigError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    rope = {**(text.get("rope_parameters") or {}), **(text.get("rope_scaling") or {})}
+    rope = {**_section(text, "rope_parameters", source), **_section(text, "rope_scaling", source)}
+    _need_positive_number(text, "rms_norm_eps", source)
+    _need_positive_number(text, "rope_theta", source)
+    for key in ("rope_parameters", "rope_scaling"):
+        _need_positive_number(_section(text, key, source), "rope_theta", source, f"{key}.")
     section = rope.get("mrope_section")
     if not (isinstance(section, list) and len(section) == 3 and all(isinstance(s, int) for s in section)):
         raise ConfigError(f"{source}: rope_scaling.mrope_section must be three integers, got {section!r}")
@@ -220,17 +253,36 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> JinaV4Conf
         raise ConfigError(f"{source}: multi_vector_projector_dim must be a positive integer, got {mv_dim!r}")
 
     vision = raw.get("vision_config")
-    if not isinstance(vision, dict):
+    if vision is None:
         raise ConfigError(f"{source}: vision_config is missing")
+    if not isinstance(vision, dict):
+        raise ConfigError(f"{source}: vision_config must be a JSON object, got {type(vision).__name__}")
     out_hidden = vision.get("out_hidden_size", hidden)
     if out_hidden != hidden:
         raise ConfigError(f"{source}: vision_config.out_hidden_size {out_hidden} != hidden_size {hidden}")
 
+    def in_vocab(key: str, value: Any, note: str = "") -> None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        if not 0 <= value < vocab:
+            raise ConfigError(
+                f"{source}: {key} {value}{note} is outside the vocabulary: token ids must be in 0..{vocab - 1} "
+                f"(vocab_size {vocab}); fix {key} or vocab_size"
+            )
+
     def token(key: str, default: int) -> int:
         value = raw.get(key, default)
-        if not isinstance(value, int):
-            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        in_vocab(key, value, "" if key in raw else " (the default; the file does not set it)")
         return value
+
+    # Text token ids: null is allowed (no such token); eos_token_id may be a list.
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = text.get(key)
+        for one in value if isinstance(value, list) else [value]:
+            if one is not None:
+                in_vocab(key, one)
+    if raw.get("vision_token_id") is not None:
+        in_vocab("vision_token_id", raw["vision_token_id"])
 
     special = SpecialTokens(
         image_token_id=token("image_token_id", 151655),
@@ -252,4 +304,19 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> JinaV4Conf
         num_hidden_layers=layers,
         special_tokens=special,
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
+        source=source,
     )
+
+
+def _need_positive_number(where: dict[str, Any], key: str, source: str, prefix: str = "") -> None:
+    """``rms_norm_eps``, ``rope_theta``: absent is the library default; else a positive finite number.
+
+    Zero or a negative value does not fail in transformers: it makes the network
+    produce NaN, which would later look like an fp16 overflow.
+    """
+    if key not in where:
+        return
+    value = where[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ConfigError(f"{source}: {prefix}{key} must be a positive finite number, got {value!r}")

@@ -12,8 +12,9 @@ gets them.
 from __future__ import annotations
 
 import logging
+import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 from pathlib import Path
 
@@ -69,6 +70,41 @@ def check_texts(texts: list[object]) -> None:
             ) from None
 
 
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _as_list(value: object, what: str, single: tuple[type, ...], expected: str) -> list:
+    """``value`` as a list of inputs: one ``single`` item, or an iterable of them; anything else names ``what``."""
+    if isinstance(value, single):
+        return [value]
+    if value is None or isinstance(value, (bytes, bytearray, Mapping)) or not isinstance(value, Iterable):
+        raise EncodeError(f"{what} must be {expected}, got {_type_name(value)}")
+    return list(value)
+
+
+def check_encode_args(
+    task: object, truncate_dim: object, return_multivector: bool, batch_size: object, multi_vector_dim: int, max_length: object = 1
+) -> int | None:
+    """The arguments every encode call shares, checked before any work; returns ``truncate_dim`` as an int (or None)."""
+    if task is None or not (isinstance(task, str) or (isinstance(task, Iterable) and not isinstance(task, (bytes, bytearray, Mapping)))):
+        raise EncodeError(f"task must be a task name or a sequence of names (one per input), got {_type_name(task)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise EncodeError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 1:
+        raise EncodeError(f"max_length must be an integer >= 1 (tokens), got {max_length!r}")
+    if truncate_dim is not None:
+        if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, numbers.Integral):
+            raise EncodeError(f"truncate_dim must be an integer or None, got {truncate_dim!r}")
+        truncate_dim = int(truncate_dim)
+        if return_multivector:
+            raise EncodeError(
+                f"truncate_dim applies to single vectors (Matryoshka); multi-vectors keep their {multi_vector_dim} dims: "
+                f"pass truncate_dim=None with return_multivector=True"
+            )
+    return truncate_dim
+
+
 class OutputCodecLike(Protocol):
     """What an encoder needs of an output codec (jev4.quant.output_codec.OutputCodec); the model layer imports no quant code."""
 
@@ -107,6 +143,9 @@ class Encoder(ABC):
         labels = [task] * count if isinstance(task, str) else list(task)
         if len(labels) != count:
             raise EncodeError(f"got {len(labels)} task labels for {count} inputs")
+        for label in labels:
+            if not isinstance(label, str):
+                raise EncodeError(f"task labels must be strings, got {_type_name(label)} ({label!r})")
         unknown = sorted({t for t in labels if t not in self.tasks})
         if unknown:
             raise TaskError(f"unknown task(s) {unknown}; this model has {list(self.tasks)}")
@@ -130,6 +169,7 @@ class Encoder(ABC):
         an input that drives the network to NaN) is an EncodeError naming the
         input through ``describe``; it would otherwise reach an index unseen.
         """
+        batch_size = int(batch_size)
         if batch_size < 1:
             raise EncodeError(f"batch_size must be >= 1, got {batch_size}")
         dim = self.config.check_truncate_dim(truncate_dim if truncate_dim is not None else self.config.truncate_dim)
@@ -175,7 +215,8 @@ class Encoder(ABC):
             more = f" (and {len(bad) - 1} more input(s) of the same batch)" if len(bad) > 1 else ""
             raise EncodeError(
                 f"{describe_row(bad[0])}{more}: the model produced a non-finite {'multi-vector' if multivector else 'vector'} "
-                "(NaN or inf); an overflow in fp16 or another reduced precision, or non-finite weights, would do this"
+                "(NaN or inf); an overflow in fp16 or another reduced precision, non-finite weights, "
+                "or an invalid config.json value would do this"
             )
 
     def encode_text(
@@ -197,7 +238,9 @@ class Encoder(ABC):
         (int8, binary, ...) returns numpy codes from the artifact's output codec
         instead of floats.
         """
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = _as_list(texts, "texts", (str,), "a string or a sequence of strings")
+        truncate_dim = check_encode_args(task, truncate_dim, return_multivector, batch_size, self.config.multi_vector_dim, max_length)
+        max_length = int(max_length)
         check_texts(texts)
         labels = self._task_labels(task, len(texts))
         prompted = [text_prefix(t, prompt_name) + text for t, text in zip(labels, texts)]
@@ -228,7 +271,8 @@ class Encoder(ABC):
         output_precision: str | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Embed images (PIL images or paths) with the fixed image prompt; pooled over the vision span."""
-        items = [images] if isinstance(images, (Image.Image, str, Path)) else list(images)
+        items = _as_list(images, "images", (Image.Image, str, Path), "a PIL image, a path, or a sequence of them")
+        truncate_dim = check_encode_args(task, truncate_dim, return_multivector, batch_size, self.config.multi_vector_dim)
         loaded = [load_image(item, index) for index, item in enumerate(items)]
         labels = self._task_labels(task, len(loaded))
         order = sorted(range(len(loaded)), key=lambda i: -(loaded[i].width * loaded[i].height))

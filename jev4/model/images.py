@@ -42,7 +42,9 @@ Both are fields of ``ImageLimits`` for callers that need other values.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 import struct
 import warnings
 from dataclasses import dataclass
@@ -139,11 +141,11 @@ def decode_image(item: Image.Image | str | Path, limits: ImageLimits = DEFAULT_L
             log.warning("%s: an animated / multi-frame image; using the frame it is at (%d)", source, item.tell())
         item.load()
         return to_rgb(item)
+    if not isinstance(item, (str, os.PathLike)):
+        where = f"image #{index}" if index is not None else "an image"
+        raise EncodeError(f"{where} is of type {type(item).__name__}; give a PIL image or a path to an image file")
     path = Path(item)
-    if path.is_dir():
-        raise EncodeError(f"{path}: is a directory, not a readable image file")
-    if not path.is_file():
-        raise EncodeError(f"{path}: image file not found")
+    _check_regular_file(path)
     try:
         with _open(path, limits) as img:
             limits.check(img.size, str(path))
@@ -155,6 +157,23 @@ def decode_image(item: Image.Image | str | Path, limits: ImageLimits = DEFAULT_L
             return rgb.copy() if rgb is img else rgb  # closing the file destroys img's pixels
     except DECODE_ERRORS as exc:
         raise EncodeError(f"{path}: not a readable image ({exc})") from exc
+
+
+def _check_regular_file(path: Path) -> None:
+    """Stat before opening: a FIFO or a device would block ``open`` (or read forever), so only a regular file is read."""
+    try:
+        mode = path.stat().st_mode  # follows symlinks: a link to an image is fine
+    except (FileNotFoundError, NotADirectoryError):
+        raise EncodeError(f"{path}: image file not found") from None
+    if stat.S_ISDIR(mode):
+        raise EncodeError(f"{path}: is a directory, not a readable image file")
+    if not stat.S_ISREG(mode):
+        raise EncodeError(f"{path}: is not a regular file ({_file_kind(mode)}); give an image file")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
 
 
 def _open(path: Path, limits: ImageLimits) -> Image.Image:

@@ -292,6 +292,9 @@ def adapted_modules(layers: int) -> list[str]:
     return modules + ["multi_vector_projector"]
 
 
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed takes without overflow, as a non-negative seed
+
+
 def write_tiny_checkpoint(
     out: str | Path,
     seed: int = 0,
@@ -306,6 +309,8 @@ def write_tiny_checkpoint(
     ``adapter_layout`` the adapter keys' (upstream writes "new")."""
     if layout not in ("old", "new") or adapter_layout not in ("old", "new"):
         raise SettingsError(f"layout must be 'old' or 'new', got {layout!r} / {adapter_layout!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise SettingsError(f"--seed {seed!r}: must be an integer between 0 and {MAX_SEED} (2**63-1)")
     store_dtype, lora_dtype = parse_dtype(dtype), parse_dtype(adapter_dtype)
     gen = torch.Generator().manual_seed(seed)
     with atomic_output_dir(out, force=force) as tmp:

@@ -2,8 +2,12 @@
 
 A line is ``{"query": ..., "positive": ..., "negative": ...}`` (negative
 optional). A value that names an existing image file (png, jpg, jpeg,
-webp, bmp, gif; relative to the JSONL file) is an image, anything else is
-text, so text-to-image pairs train the image path too. The split is by
+webp, bmp, gif; relative to the JSONL file) is an image, so text-to-image
+pairs train the image path too. A value with an image suffix and no
+whitespace (``page.png``, ``/scans/p1.jpg``) is taken as an image path and
+must exist: a typo in a path would otherwise train on the path's text. Any
+other string is text. To say which it is, write ``{"text": "logo.png"}`` or
+``{"image": "scans/page 1.png"}`` instead of the string. The split is by
 line, seeded, so the held-out queries never appear in training.
 """
 
@@ -46,22 +50,55 @@ class PairSplit:
     source: str
 
 
-def _item(value: object, base: Path, where: str) -> Item:
-    if not isinstance(value, str) or not value.strip():
-        raise QATDataError(f"{where}: must be a non-empty string")
+def _image(value: str, base: Path, where: str) -> Item:
     path = (base / value) if not Path(value).is_absolute() else Path(value)
-    if Path(value).suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+    if path.is_file():
         return Item(str(path), True)
+    if path.exists():
+        raise QATDataError(f"{where}: image {path} is not a regular file")
+    raise QATDataError(
+        f"{where}: image file {path} not found; fix the path, or write {json.dumps({'text': value})} if it is text"
+    )
+
+
+def _item(value: object, base: Path, where: str) -> Item:
+    if isinstance(value, dict):
+        if len(value) == 1 and isinstance(value.get("text"), str) and value["text"].strip():
+            return Item(value["text"])
+        if len(value) == 1 and isinstance(value.get("image"), str) and value["image"].strip():
+            return _image(value["image"], base, where)
+        raise QATDataError(f'{where}: an object must be {{"text": "..."}} or {{"image": "path"}}, got {json.dumps(value)[:80]}')
+    if not isinstance(value, str) or not value.strip():
+        raise QATDataError(f'{where}: must be a non-empty string (or {{"text": ...}} / {{"image": ...}}), got {value!r}')
+    path = (base / value) if not Path(value).is_absolute() else Path(value)
+    if Path(value).suffix.lower() in IMAGE_SUFFIXES:
+        if path.is_file():
+            return Item(str(path), True)
+        if not any(c.isspace() for c in value):  # a path, not a sentence that ends in ".png"
+            return _image(value, base, where)
     return Item(value)
+
+
+def _read_pairs_text(path: Path) -> str:
+    if path.is_dir():
+        raise QATDataError(f"--data {path}: is a directory; give a JSONL file of pairs (or {BUILTIN})")
+    if not path.exists():
+        raise QATDataError(f"--data {path}: pairs file not found")
+    if not path.is_file():
+        raise QATDataError(f"--data {path}: is not a regular file; give a JSONL file of pairs")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise QATDataError(
+            f"--data {path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); give a JSONL file, one pair per line"
+        ) from exc
 
 
 def load_pairs(path: str | Path) -> list[Pair]:
     """Pairs from a JSONL file; errors name the file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise QATDataError(f"{path}: pairs file not found")
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_read_pairs_text(path).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -89,8 +126,16 @@ def builtin_pairs(size: int | None = None) -> list[Pair]:
 
 def split_pairs(pairs: list[Pair], held_out: int, seed: int, source: str) -> PairSplit:
     """A seeded split: ``held_out`` pairs for evaluation, the rest for training."""
-    if not 1 <= held_out < len(pairs) - 1:
-        raise QATDataError(f"held-out size {held_out} must be between 1 and {len(pairs) - 2} for {len(pairs)} pairs")
+    n = len(pairs)
+    if isinstance(held_out, bool) or not isinstance(held_out, int) or held_out < 1:
+        raise QATDataError(f"--held-out must be an integer >= 1, got {held_out!r}")
+    if n < 3:
+        raise QATDataError(f"--held-out {held_out}: {source} gives only {n} pairs; need at least 3 (2 to train on, 1 held out)")
+    if held_out > n - 2:
+        raise QATDataError(
+            f"--held-out {held_out} is more than the {n} pairs allow (1..{n - 2}); "
+            f"lower --held-out or give more pairs (at least 2 stay for training)"
+        )
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     return PairSplit([pairs[i] for i in order[held_out:]], [pairs[i] for i in order[:held_out]], source)

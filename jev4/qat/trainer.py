@@ -18,13 +18,16 @@ import math
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from jev4.errors import Jev4Error
+from jev4.errors import EncodeError, Jev4Error
+from jev4.model.checkpoint import resolve_model_dir
+from jev4.model.config import JinaV4Config, load_config
 from jev4.model.encoder import TorchEncoder
 from jev4.model.lora import MultiTaskLoRALinear
 from jev4.model.preprocess import load_image, text_prefix
@@ -42,6 +45,61 @@ class QATError(Jev4Error, ValueError):
     """Settings that cannot train (unknown precision or task, a model without adapters...)."""
 
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed and numpy's SeedSequence take seeds in this range
+
+
+def _positive_number(flag: str, value: object, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise QATError(f"{flag} {value!r}: must be a positive finite number ({hint})")
+
+
+def _integer(flag: str, value: object, minimum: int, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise QATError(f"{flag} {value!r}: must be an integer >= {minimum}" + (f" ({why})" if why else ""))
+
+
+def parse_matryoshka_dims(dims: str | Sequence[int | str] | None) -> tuple[int, ...]:
+    """``--matryoshka-dims``: ``"128,256"``, or a sequence of ints (or digit strings); each must be an integer >= 1.
+
+    Whether each dim is one the checkpoint was trained at is checked against
+    its config.json (``check_matryoshka_dims``), before the model loads.
+    """
+    if dims is None:
+        return ()
+    parts = [p.strip() for p in dims.split(",")] if isinstance(dims, str) else list(dims)
+    if isinstance(dims, str) and not dims.strip():
+        return ()
+    out = []
+    for part in parts:
+        value = part
+        if isinstance(part, str):
+            try:
+                value = int(part)
+            except ValueError:
+                value = None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            shown = value if isinstance(value, int) and not isinstance(value, bool) else repr(part)
+            raise QATError(f"--matryoshka-dims {_show(dims)}: {shown} is not a dimension; give comma-separated integers >= 1, e.g. 128,256")
+        out.append(value)
+    return tuple(out)
+
+
+def _show(dims: object) -> str:
+    return dims if isinstance(dims, str) else ",".join(str(d) for d in dims)
+
+
+def check_matryoshka_dims(config: JinaV4Config, dims: Sequence[int]) -> None:
+    """Each dim must be a Matryoshka dim of the checkpoint (or its full size)."""
+    for d in dims:
+        try:
+            config.check_truncate_dim(d)
+        except EncodeError:
+            raise QATError(
+                f"--matryoshka-dims {_show(dims)}: {d} is not a Matryoshka dim of this checkpoint; "
+                f"choose from {sorted(config.matryoshka_dims)} (or {config.hidden_size}, the full size)"
+            ) from None
+
+
 @dataclass(frozen=True)
 class QATSettings:
     """Options of ``jev4 qat``; recorded in the output's manifest."""
@@ -53,6 +111,8 @@ class QATSettings:
     out: str
     quantize: str = "docs"  # docs | both
     scaling: str = "minmax"  # minmax | rolling
+    # Also accepts the flag's text ("128,256") or a sequence of ints / digit strings; each dim is checked and the
+    # field holds a tuple of ints after __post_init__.
     matryoshka_dims: tuple[int, ...] = ()
     steps: int = 200
     batch_size: int = 16
@@ -90,12 +150,27 @@ class QATSettings:
             raise QATError(f"--ste {self.ste!r}: choose one of {', '.join(STE_GRADIENTS)}")
         if self.ste == "tanh" and self.precision not in ("binary", "ternary"):
             raise QATError(f"--ste tanh is for binary and ternary, not {self.precision}")
-        if self.error_weight < 0:
-            raise QATError(f"--error-weight {self.error_weight}: must be >= 0")
         if self.scaling not in ("minmax", "rolling"):
             raise QATError(f"--scaling {self.scaling!r}: choose minmax or rolling")
-        if self.steps < 1 or self.batch_size < 2 or self.eval_every < 1:
-            raise QATError("steps and eval_every must be >= 1 and batch_size >= 2 (in-batch negatives)")
+        _positive_number("--lr", self.lr, "e.g. 5e-4")
+        _positive_number("--temperature", self.temperature, "e.g. 0.05; a negative one would invert the loss")
+        for flag, value in (("--float-weight", self.float_weight), ("--error-weight", self.error_weight), ("--multivector-weight", self.multivector_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise QATError(f"{flag} {value!r}: must be a finite number >= 0 (0 turns the term off)")
+        m = self.momentum
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1:  # NaN fails the range too
+            raise QATError(f"momentum {m!r}: must be a number between 0 and 1")
+        _integer("--steps", self.steps, 1)
+        _integer("--eval-every", self.eval_every, 1)
+        _integer("--batch-size", self.batch_size, 2, "in-batch negatives need at least 2 pairs per batch")
+        _integer("--held-out", self.held_out, 1)
+        if self.data_size is not None:
+            _integer("--data-size", self.data_size, 1, "or leave it out to use every pair")
+        _integer("--max-length", self.max_length, 1)
+        _integer("--seed", self.seed, 0)
+        if self.seed > MAX_SEED:
+            raise QATError(f"--seed {self.seed}: must be between 0 and {MAX_SEED}")
+        object.__setattr__(self, "matryoshka_dims", parse_matryoshka_dims(self.matryoshka_dims))
 
     @property
     def state_dir(self) -> Path:
@@ -293,6 +368,9 @@ class TrainingState:
 def prepare(settings: QATSettings) -> TrainingState:
     """Load the model, freeze all but the task's LoRA, and build the optimizer and quantizer."""
     torch.manual_seed(settings.seed)
+    config = load_config(resolve_model_dir(settings.model))
+    config.check_task(settings.adapter)
+    check_matryoshka_dims(config, settings.matryoshka_dims)  # before the weights load
     encoder = TorchEncoder.from_pretrained(settings.model, dtype=settings.dtype, device=settings.device, adapter_dir=settings.adapter_dir)
     params = freeze_all_but(encoder, settings.adapter)
     index = encoder.selector.tasks.index(settings.adapter)
@@ -303,9 +381,8 @@ def prepare(settings: QATSettings) -> TrainingState:
     encoder.network.train()
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     quantizer = Quantizer(settings.precision, settings.scaling, settings.momentum, gradient=settings.ste)
+    check_matryoshka_dims(encoder.config, settings.matryoshka_dims)
     dims = tuple(sorted({encoder.config.hidden_size, *settings.matryoshka_dims}, reverse=True))
-    for d in dims:
-        encoder.config.check_truncate_dim(d)
     return TrainingState(encoder, params, index, optimizer, quantizer, dims)
 
 

@@ -49,8 +49,10 @@ class OutputCodecSettings:
         check_precision(self.precision)
         if self.precision == "float32":
             raise EmbeddingQuantError("--output-precision float32 is what every artifact emits already; pick a smaller precision")
-        if self.calib_size < 2:
-            raise EmbeddingQuantError(f"--output-calib-size must be >= 2, got {self.calib_size}")
+        if isinstance(self.calib_size, bool) or not isinstance(self.calib_size, int) or self.calib_size < 2:
+            raise EmbeddingQuantError(f"--output-calib-size must be >= 2, got {self.calib_size!r}")
+        if self.calib_data is not None:
+            read_calibration_documents(self.calib_data)  # a bad file fails here, before any model loads
 
 
 @dataclass(frozen=True)
@@ -134,16 +136,34 @@ def _compatible(calibration: Calibration | None, precision: str) -> Calibration:
     )
 
 
+def read_calibration_documents(path: str | Path) -> list[str]:
+    """The non-empty lines of ``--output-calib-data``: a UTF-8 text file with at least 2 documents."""
+    path = Path(path)
+    if path.is_dir():
+        raise EmbeddingQuantError(f"--output-calib-data {path}: is a directory; give a text file, one document per line")
+    if not path.exists():
+        raise EmbeddingQuantError(f"--output-calib-data {path}: calibration file not found")
+    if not path.is_file():
+        raise EmbeddingQuantError(f"--output-calib-data {path}: is not a regular file; give a text file, one document per line")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EmbeddingQuantError(
+            f"--output-calib-data {path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); give one document per line"
+        ) from exc
+    docs = [line for line in text.splitlines() if line.strip()]
+    if not docs:
+        what = "is empty" if not text else "holds only blank lines"
+        raise EmbeddingQuantError(f"--output-calib-data {path}: {what}; give a text file with one document per line, at least 2")
+    if len(docs) < 2:
+        raise EmbeddingQuantError(f"--output-calib-data {path}: needs at least 2 non-empty lines, found {len(docs)}")
+    return docs
+
+
 def calibration_documents(settings: OutputCodecSettings) -> list[str]:
     """The documents the calibration embeds: the user's file (one per line), or built-in stdlib-code sources."""
     if settings.calib_data:
-        path = Path(settings.calib_data)
-        if not path.is_file():
-            raise EmbeddingQuantError(f"{path}: calibration file not found")
-        docs = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if len(docs) < 2:
-            raise EmbeddingQuantError(f"{path}: needs at least 2 non-empty lines, found {len(docs)}")
-        return docs[: settings.calib_size]
+        return read_calibration_documents(settings.calib_data)[: settings.calib_size]
     from jev4.datasets import stdlib_code_search
 
     docs = stdlib_code_search().documents

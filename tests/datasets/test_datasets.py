@@ -1,6 +1,7 @@
 """jev4.datasets: BEIR and STS files, the built-in sets, subsets and checksums."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -88,6 +89,21 @@ def test_load_beir_errors(tmp_path):
         load_beir(missing_field)
 
 
+@pytest.mark.parametrize("score", ["nan", "inf", "-inf", "Infinity", "1e400"])
+def test_non_finite_qrels_score_names_the_file_and_line(tmp_path, score):
+    root = _write_beir(tmp_path / "n", qrels=f"query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td3\t{score}\n")
+    message = f"{root / 'qrels' / 'test.tsv'}:3: score {score!r}: relevance must be a finite number"
+    with pytest.raises(DatasetError, match="^" + re.escape(message)):
+        load_beir(root)
+
+
+def test_negative_qrels_scores_are_judged_not_relevant(tmp_path):
+    """TREC-style grades below 0 (Touché 2020's -2: spam) are non-relevant judgments, like 0: dropped."""
+    root = _write_beir(tmp_path / "neg", qrels="query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td3\t-2\nq2\td2\t-1\n")
+    data = load_beir(root)
+    assert data.queries == ["what is a llama?"] and data.qrels == [{0: 2.0}]
+
+
 # --------------------------------------------------------------------------- STS
 
 
@@ -111,6 +127,22 @@ def test_load_sts_errors(tmp_path):
     bad_score.write_text("sentence1\tsentence2\tscore\nx\ty\t1\nx\ty\tn/a\n")
     with pytest.raises(DatasetError, match=r"s\.tsv:3: score 'n/a'"):
         load_sts_tsv(bad_score)
+
+
+@pytest.mark.parametrize("score", ["nan", "inf", "-Infinity"])
+def test_sts_non_finite_score_names_the_line(tmp_path, score):
+    path = tmp_path / "sts.tsv"
+    path.write_text(f"sentence1\tsentence2\tscore\na\tb\t1\nc\td\t2\ne\tf\t{score}\n")
+    with pytest.raises(DatasetError, match="^" + re.escape(f"{path}:4: score {score!r}: the gold score must be a finite number")):
+        load_sts_tsv(path)
+
+
+def test_sts_all_gold_scores_equal(tmp_path):
+    path = tmp_path / "flat.tsv"
+    path.write_text("sentence1\tsentence2\tscore\na\tb\t3\nc\td\t3.0\ne\tf\t3\n")
+    message = f"{path}: all 3 gold scores are equal (3); Spearman correlation is undefined"
+    with pytest.raises(DatasetError, match="^" + re.escape(message)):
+        load_sts_tsv(path)
 
 
 # --------------------------------------------------------------------------- subset, checksum, resolve

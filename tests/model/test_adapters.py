@@ -186,6 +186,21 @@ def test_unsupported_adapter_configs(tiny_dir, tmp_path, changes, message):
         load_adapters(dst, TASKS)
 
 
+@pytest.mark.parametrize("content, kind", [("[1]", "list"), ('"r"', "str"), ("16", "int"), ("null", "NoneType")])
+def test_adapter_config_that_is_not_an_object(tiny_dir, tmp_path, content, kind):
+    dst = _adapter_copy(tiny_dir, tmp_path)
+    (dst / "adapter_config.json").write_text(content)
+    with pytest.raises(AdapterError, match=re.escape(f"{dst / 'adapter_config.json'}: must be a JSON object (PEFT's LoraConfig), got {kind}")):
+        load_adapters(dst, TASKS)
+
+
+def test_adapter_config_with_binary_bytes(tiny_dir, tmp_path):
+    dst = _adapter_copy(tiny_dir, tmp_path)
+    (dst / "adapter_config.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(AdapterError, match=re.escape(f"{dst / 'adapter_config.json'}: not valid JSON")):
+        load_adapters(dst, TASKS)
+
+
 def test_task_not_in_task_names(tiny_dir, tmp_path):
     src = _edit_adapter(
         tiny_dir, tmp_path, lambda t: t.update({k.replace(".code.", ".summarize."): v.clone() for k, v in t.items() if ".code." in k})

@@ -113,6 +113,9 @@ def test_invalid_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=f"{tmp_path / 'config.json'}: not valid JSON"):
         load_config(tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'config.json'}: not valid JSON"):
+        load_config(tmp_path)
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="expected a JSON object, got list"):
         load_config(tmp_path)
@@ -185,3 +188,87 @@ def test_check_task(tiny_dir):
         cfg.check_task("qa")
     with pytest.raises(TaskError, match="retrieval"):
         cfg.check_task("Retrieval")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda r: r.update(text_config=[1]), r"text_config must be a JSON object, got list$"),
+        (lambda r: r.update(vision_config="x"), r"vision_config must be a JSON object, got str$"),
+        (lambda r: r.update(rope_scaling=[1]), r"rope_scaling must be a JSON object, got list$"),
+        (lambda r: r["text_config"].update(rope_scaling="x"), r"text_config.rope_scaling must be a JSON object, got str$"),
+        (lambda r: r["text_config"].update(rope_parameters=7), r"text_config.rope_parameters must be a JSON object, got int$"),
+    ],
+    ids=["text-config-list", "vision-config-str", "rope-scaling-list", "text-rope-scaling-str", "text-rope-parameters-int"],
+)
+def test_nested_sections_must_be_objects(raw, edit, message):
+    with pytest.raises(ConfigError, match=r"^somewhere/config.json: " + message):
+        parse_config(_edited(raw, edit), source="somewhere/config.json")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda r: r.update(vocab_size=3), r"pad_token_id 582 is outside the vocabulary: token ids must be in 0\.\.2 \(vocab_size 3\)"),
+        (lambda r: r.update(pad_token_id=1000000000), r"pad_token_id 1000000000 is outside the vocabulary: token ids must be in 0\.\.639 \(vocab_size 640\)"),
+        (lambda r: r.update(bos_token_id=-1), r"bos_token_id -1 is outside the vocabulary"),
+        (lambda r: r.update(eos_token_id=[584, 640]), r"eos_token_id 640 is outside the vocabulary"),
+        (lambda r: r.update(image_token_id=640), r"image_token_id 640 is outside the vocabulary: token ids must be in 0\.\.639 \(vocab_size 640\)"),
+        (lambda r: r.update(vision_end_token_id=10**9), r"vision_end_token_id 1000000000 is outside the vocabulary"),
+        (lambda r: r.update(vision_token_id=700), r"vision_token_id 700 is outside the vocabulary"),
+        (lambda r: r.pop("video_token_id"), r"video_token_id 151656 \(the default; the file does not set it\) is outside the vocabulary"),
+    ],
+    ids=["vocab-3", "pad-huge", "bos-negative", "eos-list", "image", "vision-end", "vision-token", "default-video"],
+)
+def test_token_ids_must_fit_the_vocabulary(raw, edit, message):
+    assert raw["vocab_size"] == 640
+    with pytest.raises(ConfigError, match=r"^somewhere/config.json: " + message):
+        parse_config(_edited(raw, edit), source="somewhere/config.json")
+
+
+def test_null_and_list_token_ids_are_allowed(raw):
+    cfg = parse_config(_edited(raw, lambda r: r.update(pad_token_id=None, eos_token_id=[584, 582])))
+    cfg.to_transformers()
+
+
+@pytest.mark.parametrize(
+    "key, value, where",
+    [
+        ("rms_norm_eps", -1, "top"),
+        ("rms_norm_eps", -1.0, "top"),
+        ("rms_norm_eps", 0, "top"),
+        ("rms_norm_eps", float("nan"), "top"),
+        ("rope_theta", 0, "top"),
+        ("rope_theta", -10000.0, "top"),
+        ("rope_theta", float("inf"), "top"),
+        ("rope_theta", "1e6", "top"),
+        ("rope_theta", 0, "rope_scaling"),
+        ("rms_norm_eps", -1e-6, "text_config"),
+    ],
+)
+def test_norm_eps_and_rope_theta_must_be_positive_finite(raw, key, value, where):
+    def edit(r):
+        if where == "top":
+            r[key] = value
+        elif where == "rope_scaling":
+            r["rope_scaling"][key] = value
+        else:
+            r.pop(key)
+            r["text_config"][key] = value
+
+    prefix = "rope_scaling." if where == "rope_scaling" else ""
+    with pytest.raises(ConfigError, match=rf"^somewhere/config.json: {prefix}{key} must be a positive finite number, got {value!r}$"):
+        parse_config(_edited(raw, edit), source="somewhere/config.json")
+
+
+def test_transformers_refusal_is_a_config_error_naming_the_file(raw):
+    cfg = parse_config(_edited(raw, lambda r: r.update(sliding_window="x")), source="somewhere/config.json")
+    with pytest.raises(ConfigError, match=r"^somewhere/config.json: transformers' Qwen2_5_VLConfig refused these settings \(.*sliding_window") as info:
+        cfg.to_transformers()
+    assert "\n" not in str(info.value)
+
+
+def test_load_config_names_the_path_in_to_transformers(tmp_path, raw):
+    (tmp_path / "config.json").write_text(json.dumps(_edited(raw, lambda r: r["vision_config"].update(depth="x"))))
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'config.json'}: transformers' .*depth"):
+        load_config(tmp_path).to_transformers()

@@ -356,7 +356,7 @@ def test_unknown_task(encoder, images):
 def test_bad_inputs(encoder, tmp_path):
     with pytest.raises(EncodeError, match="got 2 task labels for 1 inputs"):
         encoder.encode_text(["a"], task=["code", "code"])
-    with pytest.raises(EncodeError, match="batch_size must be >= 1"):
+    with pytest.raises(EncodeError, match=r"^batch_size must be an integer >= 1, got 0$"):
         encoder.encode_text(["a"], batch_size=0)
     with pytest.raises(EncodeError, match=r"^text #1 is of type int, not str; encode_text takes strings \(use encode_image for images\)$"):
         encoder.encode_text(["a", 3])
@@ -372,6 +372,52 @@ def test_bad_inputs(encoder, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(EncodeError, match="bad.png: not a readable image"):
         encoder.encode_image([tmp_path / "bad.png"])
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda e, imgs: e.encode_text(None), "texts must be a string or a sequence of strings, got NoneType"),
+        (lambda e, imgs: e.encode_text(42), "texts must be a string or a sequence of strings, got int"),
+        (lambda e, imgs: e.encode_text(b"abc"), "texts must be a string or a sequence of strings, got bytes"),
+        (lambda e, imgs: e.encode_image(None), "images must be a PIL image, a path, or a sequence of them, got NoneType"),
+        (lambda e, imgs: e.encode_image([imgs[0], None]), "image #1 is of type NoneType; give a PIL image or a path to an image file"),
+        (lambda e, imgs: e.encode_text(["a"], task=None), "task must be a task name or a sequence of names (one per input), got NoneType"),
+        (lambda e, imgs: e.encode_image(imgs[:1], task=None), "task must be a task name or a sequence of names (one per input), got NoneType"),
+        (lambda e, imgs: e.encode_text(["a"], task=[None]), "task labels must be strings, got NoneType (None)"),
+        (lambda e, imgs: e.encode_text(["a"], batch_size=1.5), "batch_size must be an integer >= 1, got 1.5"),
+        (lambda e, imgs: e.encode_text(["a"], batch_size=True), "batch_size must be an integer >= 1, got True"),
+        (lambda e, imgs: e.encode_image(imgs[:1], batch_size=-2), "batch_size must be an integer >= 1, got -2"),
+        (lambda e, imgs: e.encode_text(["a"], truncate_dim=8.0), "truncate_dim must be an integer or None, got 8.0"),
+        (lambda e, imgs: e.encode_image(imgs[:1], truncate_dim="8"), "truncate_dim must be an integer or None, got '8'"),
+        (lambda e, imgs: e.encode_text(["a"], max_length=0), "max_length must be an integer >= 1 (tokens), got 0"),
+        (lambda e, imgs: e.encode_text(["a"], max_length=-1), "max_length must be an integer >= 1 (tokens), got -1"),
+        (lambda e, imgs: e.encode_text(["a"], max_length=2.5), "max_length must be an integer >= 1 (tokens), got 2.5"),
+        (
+            lambda e, imgs: e.encode_text(["a"], return_multivector=True, truncate_dim=8),
+            "truncate_dim applies to single vectors (Matryoshka); multi-vectors keep their 32 dims: pass truncate_dim=None with return_multivector=True",
+        ),
+        (
+            lambda e, imgs: e.encode_image(imgs[:1], return_multivector=True, truncate_dim=64),
+            "truncate_dim applies to single vectors (Matryoshka); multi-vectors keep their 32 dims",
+        ),
+    ],
+)
+def test_bad_arguments_name_the_argument(encoder, images, monkeypatch, call, message):
+    def no_forward(*args, **kwargs):  # every argument is checked before any batch runs
+        raise AssertionError("_forward ran")
+
+    monkeypatch.setattr(encoder, "_forward", no_forward)
+    with pytest.raises(EncodeError, match="^" + re.escape(message)):
+        call(encoder, images)
+
+
+def test_integer_like_arguments_are_accepted(encoder):
+    import numpy as np
+
+    got = encoder.encode_text(np.array(["a", "b"]), truncate_dim=np.int64(8), batch_size=np.int64(1), max_length=np.int32(16))
+    assert got.shape == (2, 8)
+    assert encoder.encode_text(("a",), max_length=1).shape == (1, 64)
 
 
 def _merged_copy(tiny_dir, tmp_path, keep_adapters):
@@ -449,7 +495,7 @@ def test_describe_inputs(tmp_path, images):
 
 NON_FINITE = (
     ": the model produced a non-finite {kind} (NaN or inf); "
-    "an overflow in fp16 or another reduced precision, or non-finite weights, would do this"
+    "an overflow in fp16 or another reduced precision, non-finite weights, or an invalid config.json value would do this"
 )
 
 

@@ -1,6 +1,7 @@
 """Images read as a viewer shows them: every PIL mode to the right 8-bit RGB pixels, and the limits refused clearly."""
 
 import logging
+import re
 import struct
 import warnings
 import zlib
@@ -276,6 +277,23 @@ def test_missing_and_garbage_files(tmp_path):
     (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
     with pytest.raises(EncodeError, match=rf"^{tmp_path / 'junk.jpg'}: not a readable image"):
         decode_image(str(tmp_path / "junk.jpg"))
+
+
+def test_fifo_is_not_a_regular_file_and_is_never_opened(tmp_path):
+    """A FIFO would block open() until a writer came: refused from its stat, naming the path."""
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(EncodeError, match=rf"^{re.escape(str(fifo))}: is not a regular file \(a FIFO\); give an image file$"):
+        decode_image(fifo)
+    with pytest.raises(EncodeError, match=re.escape(f"{fifo}: is not a regular file")):
+        load_image(str(fifo))
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(EncodeError, match=rf"^{re.escape(str(tmp_path / 'dangling.png'))}: image file not found$"):
+        decode_image(tmp_path / "dangling.png")
+    with pytest.raises(EncodeError, match=rf"^{re.escape(str(tmp_path))}: is a directory"):
+        decode_image(tmp_path)
 
 
 def test_load_image_is_decode_image(tmp_path):

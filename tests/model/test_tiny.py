@@ -1,6 +1,7 @@
 """The tiny checkpoint writer: upstream's files, names, dtypes; deterministic."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -192,3 +193,17 @@ def test_bad_layout_argument(tmp_path):
     with pytest.raises(ValueError, match="layout"):
         write_tiny_checkpoint(tmp_path / "x", layout="newest")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("seed", [99999999999999999999, 2**63, -1, 1.5, True, "7"])
+def test_seed_out_of_range_is_a_settings_error(tmp_path, seed):
+    from jev4.errors import SettingsError
+
+    with pytest.raises(SettingsError, match=rf"^--seed {re.escape(repr(seed))}: must be an integer between 0 and 9223372036854775807"):
+        write_tiny_checkpoint(tmp_path / "x", seed=seed)
+    assert not (tmp_path / "x").exists()
+
+
+def test_largest_seed_is_accepted(tmp_path):
+    write_tiny_checkpoint(tmp_path / "x", seed=2**63 - 1)
+    assert (tmp_path / "x" / "config.json").is_file()

@@ -1,6 +1,7 @@
 """jev4 qat on the tiny checkpoint: what trains, what stays frozen, the loss, the saved adapter, resuming."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from jev4.cli.main import main as jev4_main
+from jev4.errors import Jev4Error
 from jev4.export.merge import MergeSettings, merge_checkpoint
 from jev4.model.adapters import load_adapters
 from jev4.model.encoder import TorchEncoder
@@ -156,3 +158,124 @@ def test_gradient_checkpointing_gives_the_same_steps(tiny_dir, tmp_path):
     checkpointed, _ = train(settings(tiny_dir, tmp_path / "b", gradient_checkpointing=True, **kw))
     losses = lambda r: [h["loss"] for h in r.history if "loss" in h]  # noqa: E731
     np.testing.assert_allclose(losses(checkpointed), losses(plain), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad settings and data, named by flag / file / line
+
+BASE = dict(model="unused", adapter="retrieval", precision="binary", data="stdlib-code", out="unused")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"lr": float("nan")}, "--lr nan: must be a positive finite number (e.g. 5e-4)"),
+        ({"lr": -1.0}, "--lr -1.0: must be a positive finite number"),
+        ({"lr": 0}, "--lr 0: must be a positive finite number"),
+        ({"temperature": 0.0}, "--temperature 0.0: must be a positive finite number"),
+        ({"temperature": -0.05}, "--temperature -0.05: must be a positive finite number (e.g. 0.05; a negative one would invert the loss)"),
+        ({"temperature": float("nan")}, "--temperature nan: must be a positive finite number"),
+        ({"float_weight": float("nan")}, "--float-weight nan: must be a finite number >= 0 (0 turns the term off)"),
+        ({"float_weight": -1.0}, "--float-weight -1.0: must be a finite number >= 0"),
+        ({"error_weight": float("inf")}, "--error-weight inf: must be a finite number >= 0"),
+        ({"error_weight": -0.5}, "--error-weight -0.5: must be a finite number >= 0"),
+        ({"multivector_weight": float("-inf")}, "--multivector-weight -inf: must be a finite number >= 0"),
+        ({"multivector_weight": -1.0}, "--multivector-weight -1.0: must be a finite number >= 0"),
+        ({"max_length": 0}, "--max-length 0: must be an integer >= 1"),
+        ({"max_length": -8}, "--max-length -8: must be an integer >= 1"),
+        ({"data_size": 0}, "--data-size 0: must be an integer >= 1 (or leave it out to use every pair)"),
+        ({"steps": 0}, "--steps 0: must be an integer >= 1"),
+        ({"eval_every": 0}, "--eval-every 0: must be an integer >= 1"),
+        ({"batch_size": 1}, "--batch-size 1: must be an integer >= 2 (in-batch negatives need at least 2 pairs per batch)"),
+        ({"held_out": 0}, "--held-out 0: must be an integer >= 1"),
+        ({"seed": -1}, "--seed -1: must be an integer >= 0"),
+        ({"seed": 2**64}, "--seed 18446744073709551616: must be between 0 and 9223372036854775807"),
+        ({"matryoshka_dims": "abc"}, "--matryoshka-dims abc: 'abc' is not a dimension; give comma-separated integers >= 1, e.g. 128,256"),
+        ({"matryoshka_dims": (0, -5)}, "--matryoshka-dims 0,-5: 0 is not a dimension"),
+        ({"matryoshka_dims": "16,-5"}, "--matryoshka-dims 16,-5: -5 is not a dimension"),
+        ({"matryoshka_dims": (8.0,)}, "--matryoshka-dims 8.0: 8.0 is not a dimension"),
+    ],
+)
+def test_settings_name_the_flag(changes, message):
+    with pytest.raises(QATError, match="^" + re.escape(message)) as info:
+        QATSettings(**{**BASE, **changes})
+    assert isinstance(info.value, Jev4Error)
+
+
+def test_matryoshka_dims_accept_text_and_sequences():
+    assert QATSettings(**BASE, matryoshka_dims="8, 16").matryoshka_dims == (8, 16)
+    assert QATSettings(**BASE, matryoshka_dims=["8", 16]).matryoshka_dims == (8, 16)
+    assert QATSettings(**BASE, matryoshka_dims="").matryoshka_dims == ()
+    assert QATSettings(**BASE, matryoshka_dims=None).matryoshka_dims == ()
+
+
+def test_matryoshka_dim_the_checkpoint_lacks_is_named_before_the_weights_load(tiny_dir, tmp_path, monkeypatch):
+    import jev4.qat.trainer as trainer
+
+    monkeypatch.setattr(trainer.TorchEncoder, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(QATError, match="^" + re.escape("--matryoshka-dims 8,12: 12 is not a Matryoshka dim of this checkpoint; choose from [8, 16, 32] (or 64, the full size)")):
+        trainer.prepare(settings(tiny_dir, tmp_path, matryoshka_dims=(8, 12)))
+
+
+def _pairs_file(tmp_path, rows, name="pairs.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_held_out_larger_than_the_data_names_the_flag(tmp_path):
+    path = _pairs_file(tmp_path, [{"query": f"q{i}", "positive": f"p{i}"} for i in range(12)])
+    with pytest.raises(QATDataError, match="^" + re.escape("--held-out 200 is more than the 12 pairs allow (1..10)")):
+        load_split(str(path), 200, 0)
+    assert len(load_split(str(path), 10, 0).held_out) == 10
+    with pytest.raises(QATDataError, match="^" + re.escape("--held-out 11 is more than the 12 pairs allow (1..10)")):
+        load_split(str(path), 11, 0)
+
+
+def test_pairs_file_that_is_binary_a_directory_or_a_fifo(tmp_path):
+    import os
+
+    binary = tmp_path / "pairs.jsonl"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(QATDataError, match="^" + re.escape(f"--data {binary}: not a UTF-8 text file (invalid start byte at byte 0)")):
+        load_pairs(binary)
+    with pytest.raises(QATDataError, match="^" + re.escape(f"--data {tmp_path}: is a directory; give a JSONL file of pairs (or stdlib-code)")):
+        load_split(str(tmp_path), 4, 0)
+    with pytest.raises(QATDataError, match="^" + re.escape(f"--data {tmp_path / 'nope.jsonl'}: pairs file not found")):
+        load_pairs(tmp_path / "nope.jsonl")
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    with pytest.raises(QATDataError, match="^" + re.escape(f"--data {tmp_path / 'fifo.jsonl'}: is not a regular file")):
+        load_pairs(tmp_path / "fifo.jsonl")
+
+
+def test_missing_image_path_names_the_line(tmp_path, images):
+    images[0].save(tmp_path / "page.png")
+    rows = [{"query": f"q{i}", "positive": f"p{i}"} for i in range(4)]
+    path = _pairs_file(tmp_path, rows + [{"query": "/no/such/img.png", "positive": "page.png"}])
+    with pytest.raises(QATDataError, match="^" + re.escape(f'{path}:5 query: image file /no/such/img.png not found; fix the path, or write {{"text": "/no/such/img.png"}} if it is text')):
+        load_pairs(path)
+    path = _pairs_file(tmp_path, rows + [{"query": "a page", "positive": "pages/missing.jpg"}])
+    with pytest.raises(QATDataError, match="^" + re.escape(f"{path}:5 positive: image file {tmp_path / 'pages' / 'missing.jpg'} not found")):
+        load_pairs(path)
+    path = _pairs_file(tmp_path, rows + [{"query": "a page", "positive": {"image": "gone.png"}}])
+    with pytest.raises(QATDataError, match=re.escape(f"{path}:5 positive: image file {tmp_path / 'gone.png'} not found")):
+        load_pairs(path)
+    (tmp_path / "dir.png").mkdir()
+    path = _pairs_file(tmp_path, rows + [{"query": "a page", "positive": "dir.png"}])
+    with pytest.raises(QATDataError, match=re.escape(f"{path}:5 positive: image {tmp_path / 'dir.png'} is not a regular file")):
+        load_pairs(path)
+    path = _pairs_file(tmp_path, rows + [{"query": "a page", "positive": {"img": "page.png"}}])
+    with pytest.raises(QATDataError, match=re.escape(f'{path}:5 positive: an object must be {{"text": "..."}} or {{"image": "path"}}')):
+        load_pairs(path)
+
+
+def test_text_that_ends_like_an_image_name(tmp_path, images):
+    """A sentence ending in '.png' is text; a bare name is text when written as {"text": ...}; an explicit image loads."""
+    images[0].save(tmp_path / "page.png")
+    rows = [{"query": f"q{i}", "positive": f"p{i}"} for i in range(4)]
+    rows += [
+        {"query": "how do I save a plot as figure.png", "positive": {"text": "logo.png"}},
+        {"query": {"text": "q"}, "positive": {"image": "page.png"}},
+    ]
+    pairs = load_pairs(_pairs_file(tmp_path, rows))
+    assert pairs[4] == Pair(Item("how do I save a plot as figure.png"), Item("logo.png"))
+    assert pairs[5].positive == Item(str(tmp_path / "page.png"), True)

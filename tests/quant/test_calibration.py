@@ -1,6 +1,7 @@
 """Calibration data (built-in, text and JSONL files) and the per-Linear activation statistics."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -70,6 +71,25 @@ def test_bad_files_and_sizes(tmp_path):
     for size in (0, -3, 2.5, True):
         with pytest.raises(CalibrationError, match="--calib-size"):
             calibration_items(None, size, with_images=False)
+
+
+def test_binary_jsonl_directory_and_fifo_name_the_path(tmp_path):
+    import os
+
+    binary = tmp_path / "calib.jsonl"
+    binary.write_bytes(b'{"text": "a"}\n\xff\xfe\x00\x81\n')
+    with pytest.raises(CalibrationError, match=re.escape(f"{binary}: not a UTF-8 text file (invalid start byte at byte 14)")):
+        load_calibration_file(binary)
+    with pytest.raises(CalibrationError, match=re.escape(f"{tmp_path}: is a directory")):
+        calibration_items(tmp_path, 4, with_images=False)
+    fifo = tmp_path / "calib.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(CalibrationError, match=re.escape(f"{fifo}: is not a regular file")):
+        load_calibration_file(fifo)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(CalibrationError, match=re.escape(f"{empty}: no calibration samples in the file")):
+        load_calibration_file(empty)
 
 
 class _Toy(nn.Module):

@@ -91,3 +91,39 @@ def test_settings_are_checked():
         OutputCodecSettings("float32")
     with pytest.raises(EmbeddingQuantError, match="calib-size"):
         OutputCodecSettings("int8", calib_size=1)
+
+
+def test_calib_data_problems_name_the_file_before_any_model_loads(tmp_path):
+    import os
+    import re
+
+    from jev4.quant.output_codec import calibration_documents
+
+    binary = tmp_path / "calib.bin"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    cases = [
+        (binary, f"--output-calib-data {binary}: not a UTF-8 text file (invalid start byte at byte 0); give one document per line"),
+        (tmp_path / "empty.txt", f"--output-calib-data {tmp_path / 'empty.txt'}: is empty; give a text file with one document per line, at least 2"),
+        (tmp_path / "blank.txt", f"--output-calib-data {tmp_path / 'blank.txt'}: holds only blank lines"),
+        (tmp_path / "one.txt", f"--output-calib-data {tmp_path / 'one.txt'}: needs at least 2 non-empty lines, found 1"),
+        (tmp_path / "nope.txt", f"--output-calib-data {tmp_path / 'nope.txt'}: calibration file not found"),
+        (tmp_path, f"--output-calib-data {tmp_path}: is a directory; give a text file, one document per line"),
+        (tmp_path / "fifo", f"--output-calib-data {tmp_path / 'fifo'}: is not a regular file"),
+    ]
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    (tmp_path / "one.txt").write_text("only one document\n")
+    os.mkfifo(tmp_path / "fifo")
+    for path, message in cases:
+        with pytest.raises(EmbeddingQuantError, match="^" + re.escape(message)):
+            OutputCodecSettings("int8", calib_data=str(path))
+    good = tmp_path / "good.txt"
+    good.write_text("doc one\n\ndoc two\ndoc three\n")
+    settings = OutputCodecSettings("int8", calib_data=str(good), calib_size=2)
+    assert calibration_documents(settings) == ["doc one", "doc two"]
+    binary_later = tmp_path / "later.txt"
+    binary_later.write_text("a\nb\n")
+    settings = OutputCodecSettings("binary", calib_data=str(binary_later))
+    binary_later.write_bytes(b"\xff\xfe")  # changed after the settings were checked
+    with pytest.raises(EmbeddingQuantError, match=re.escape(f"{binary_later}: not a UTF-8 text file")):
+        calibration_documents(settings)
