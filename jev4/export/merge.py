@@ -23,7 +23,7 @@ from jev4.atomic import atomic_output_dir, check_output_path, claim_output
 from jev4.errors import AdapterError, CheckpointError, SettingsError
 from jev4.export.manifest import Manifest, write_manifest
 from jev4.quant.output_codec import OutputCodec
-from jev4.export.qwen2_text import PROJECTOR_FILE, qwen2_config, sentence_transformers_files
+from jev4.export.qwen2_text import PROJECTOR_FILE, qwen2_config, qwen2_key, sentence_transformers_files
 from jev4.model.adapters import TaskLora, adapter_dir_of, load_adapters
 from jev4.model.checkpoint import (
     CheckpointFiles,
@@ -173,7 +173,7 @@ def _merge_checkpoint(settings: MergeSettings, progress: bool, output_codec: Out
                 if settings.text_only and name.startswith("multi_vector_projector."):
                     projector[name] = tensor.contiguous()
                 else:
-                    writer.add(old_layout_name(name), tensor)
+                    writer.add(qwen2_key(name) if settings.text_only else old_layout_name(name), tensor)
         writer.finish()
         if merged_count != len(plan.loras):
             raise CheckpointError(f"merged {merged_count} of {len(plan.loras)} adapted modules; the checkpoint changed while reading?")
@@ -207,6 +207,7 @@ def _write_side_files(tmp: Path, plan: MergePlan, settings: MergeSettings, out_d
         tokenizer_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     hf_dtype = _HF_DTYPE_NAMES[out_dtype]
     if settings.text_only:
+        (tmp / PROJECTOR_FILE).parent.mkdir(parents=True, exist_ok=True)
         save_file(projector, str(tmp / PROJECTOR_FILE), metadata={"format": "pt"})
         config = qwen2_config(plan.config, hf_dtype)
         config[MERGED_TASK_KEY] = settings.adapter

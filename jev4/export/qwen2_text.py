@@ -3,9 +3,16 @@
 For text input the three M-RoPE sections share one position id, so
 Qwen2.5-VL's language model with M-RoPE computes exactly what a plain Qwen2
 with 1-D RoPE computes. Written as a Qwen2 checkpoint, the merged model loads
-in transformers' ``AutoModel``, sentence-transformers, text-embeddings-inference
-and vLLM as it is. The multi-vector projector, which no such tool knows, is
-kept beside it in its own file for jev4.
+in transformers' ``AutoModel`` and sentence-transformers as it is.
+
+The layout is the one other tools read without help:
+- tensor names as ``Qwen2Model.save_pretrained`` writes them (``layers.0...``,
+  ``embed_tokens.weight``, ``norm.weight``; no ``model.`` prefix), which is
+  what loaders keyed on architecture ``Qwen2Model`` expect (llama.cpp's
+  converter, for one);
+- the multi-vector projector, which no such tool knows, in a folder of its
+  own (``PROJECTOR_FILE``): an engine that loads every ``*.safetensors`` at
+  the top of the folder (vLLM does, without an index) never sees it.
 """
 
 from __future__ import annotations
@@ -17,7 +24,15 @@ from typing import Any
 from jev4.model.config import JinaV4Config
 from jev4.model.preprocess import PREFIXES, QUERY_ONLY_TASKS
 
-PROJECTOR_FILE = "multi_vector_projector.safetensors"
+PROJECTOR_FILE = "multi_vector_projector/model.safetensors"
+_LANGUAGE_PREFIX = "model.language_model."
+
+
+def qwen2_key(name: str) -> str:
+    """An in-memory language-model tensor name as ``Qwen2Model.save_pretrained`` writes it (no prefix)."""
+    if not name.startswith(_LANGUAGE_PREFIX):
+        raise ValueError(f"{name!r} is not a language-model tensor")
+    return name[len(_LANGUAGE_PREFIX) :]
 _TEXT_KEYS = (
     "vocab_size",
     "hidden_size",

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from jev4.errors import CheckpointError, ConfigError
-from jev4.export.qwen2_text import PROJECTOR_FILE
 from jev4.model.checkpoint import check_accounting, iter_shard_tensors, list_checkpoint_files
 from jev4.model.config import CONFIG_NAME, MERGED_TASK_KEY, JinaV4Config, SpecialTokens
 from jev4.model.encoder import Encoder

@@ -140,7 +140,10 @@ def test_text_only_is_a_qwen2_checkpoint(text_only):
     keys = set(load_file(out / "model.safetensors"))
     assert not any("visual" in k for k in keys)
     assert "multi_vector_projector.weight" not in keys
-    assert set(load_file(out / "multi_vector_projector.safetensors")) == {"multi_vector_projector.weight", "multi_vector_projector.bias"}
+    # Qwen2Model.save_pretrained's names (what tools keyed on Qwen2Model read), and no other weights at the top
+    assert {"embed_tokens.weight", "norm.weight", "layers.0.self_attn.q_proj.weight"} <= keys and not any(k.startswith("model.") for k in keys)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert set(load_file(out / "multi_vector_projector" / "model.safetensors")) == {"multi_vector_projector.weight", "multi_vector_projector.bias"}
     model = AutoModel.from_pretrained(out)
     assert type(model).__name__ == "Qwen2Model"
 
