@@ -23,9 +23,9 @@ def _int_list(text: str | None, flag: str) -> tuple[int, ...]:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from jev4.model.tiny import write_tiny_checkpoint
+    from jev4.model.tiny import TINY_SPECS, write_tiny_checkpoint
 
-    print(write_tiny_checkpoint(args.out, seed=args.seed, layout=args.layout, force=args.force))
+    print(write_tiny_checkpoint(args.out, seed=args.seed, layout=args.layout, spec=TINY_SPECS[args.head_dim], force=args.force))
     return 0
 
 
@@ -243,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--layout", choices=["old", "new"], default="old", help="base key layout: old (what upstream writes) or new")
+    tiny.add_argument("--head-dim", type=int, choices=[16, 32], default=16, help="attention head size: 16 (the smallest) or 32 (what vLLM's CPU attention accepts)")
     tiny.add_argument("--force", action="store_true")
     tiny.set_defaults(handler=_make_tiny)
 

@@ -84,6 +84,10 @@ class TinySpec:
     matryoshka_dims: tuple[int, ...] = (8, 16, 32, 64)
 
 
+# The toy model with head_dim 32 (hidden 128, 4 heads): vLLM's CPU attention rejects the default's head_dim 16.
+TINY_HEAD_DIM_32 = TinySpec(hidden_size=128, intermediate_size=256, mrope_section=(4, 6, 6))
+TINY_SPECS = {16: TinySpec(), 32: TINY_HEAD_DIM_32}
+
 # Qwen2.5-VL-3B + jina-embeddings-v4's heads and adapters (3.8B parameters).
 FULL_SIZE = TinySpec(
     hidden_size=2048,

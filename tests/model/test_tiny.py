@@ -207,3 +207,20 @@ def test_seed_out_of_range_is_a_settings_error(tmp_path, seed):
 def test_largest_seed_is_accepted(tmp_path):
     write_tiny_checkpoint(tmp_path / "x", seed=2**63 - 1)
     assert (tmp_path / "x" / "config.json").is_file()
+
+
+def test_head_dim_32_variant_has_the_same_layout(tmp_path, tiny_dir):
+    """The head_dim-32 toy (for engines whose attention rejects 16) keeps the layout: same files and tensor names."""
+    from jev4.cli.main import main
+    from jev4.model.checkpoint import list_checkpoint_files, read_safetensors_header
+    from jev4.model.config import load_config
+    from jev4.model.encoder import TorchEncoder
+
+    out = tmp_path / "tiny32"
+    assert main(["make-tiny", str(out), "--head-dim", "32", "--no-progress"]) == 0
+    config = load_config(out)
+    assert config.hidden_size // config.raw["num_attention_heads"] == 32
+    names = lambda d: sorted(n for path, _ in list_checkpoint_files(d).shards for n in read_safetensors_header(path))
+    assert names(out) == names(tiny_dir)
+    vectors = TorchEncoder.from_pretrained(out).encode_text(["hello", "def f(): pass"], task="code")
+    assert vectors.shape == (2, 128) and torch.allclose(vectors.norm(dim=-1), torch.ones(2))
