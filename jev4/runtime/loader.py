@@ -33,7 +33,7 @@ from jev4.runtime.text_only import is_text_only, read_text_only_config
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "vllm")
 TEXT_ONLY_KIND = "merged-text-only"
 
 
@@ -94,8 +94,15 @@ def load(
     verify: bool = True,
     quantization: str | None = None,
     task: str | None = None,
+    url: str | None = None,
+    vllm_python: str | None = None,
 ) -> Encoder:
     """The encoder for ``path``; ``backend`` picks the engine (``auto``: what the directory holds).
+
+    ``backend="vllm"`` (a --text-only export): with ``url``, a running vLLM
+    server's ``/v1``; without, jev4 starts one from ``vllm_python`` (default
+    ``.venv-vllm/bin/python``) and the encoder owns it: use it in ``with`` or
+    call ``close()``.
 
     ``quantization`` (torch only: ``fp8``, ``bnb-int8``, ``bnb-nf4``) merges ``task``'s adapter and
     quantizes the language model's Linear layers (``jev4.runtime.torch_quantized``).
@@ -108,6 +115,8 @@ def load(
         backend = "onnxruntime" if kind == "onnx" else "torch"
     if manifest is not None and verify:
         verify_manifest(root)
+    if backend == "vllm":
+        return _vllm_encoder(info, url, vllm_python)
     if backend == "torch":
         _check_device(device)
         if kind == "onnx":
@@ -144,3 +153,17 @@ def _with_output_codec(encoder: Encoder, root: Path) -> Encoder:
 
     encoder.output_codec = OutputCodec.read(root) or OutputCodec.uncalibrated()
     return encoder
+
+
+def _vllm_encoder(info: ArtifactInfo, url: str | None, python: str | None) -> Encoder:
+    """A vLLM encoder for a --text-only export: over ``url``, or over a server started here (and owned by the encoder)."""
+    from jev4.runtime.vllm_backend import VllmEncoder, VllmServer, VllmServerSettings
+
+    if info.kind != TEXT_ONLY_KIND:
+        raise ManifestError(f"{info.root}: is a {info.kind}; vLLM serves the --text-only export (jev4-export --text-only)")
+    preprocessor = Preprocessor.from_dir(info.root, info.config)
+    if url is not None:
+        return _with_output_codec(VllmEncoder(url, info.config, preprocessor), info.root)
+    settings = VllmServerSettings(artifact=str(info.root), **({"python": python} if python else {}))
+    server = VllmServer(settings).__enter__()
+    return _with_output_codec(VllmEncoder(server.url, info.config, preprocessor, server=server), info.root)
