@@ -166,4 +166,8 @@ def _vllm_encoder(info: ArtifactInfo, url: str | None, python: str | None) -> En
         return _with_output_codec(VllmEncoder(url, info.config, preprocessor), info.root)
     settings = VllmServerSettings(artifact=str(info.root), **({"python": python} if python else {}))
     server = VllmServer(settings).__enter__()
-    return _with_output_codec(VllmEncoder(server.url, info.config, preprocessor, server=server), info.root)
+    try:
+        return _with_output_codec(VllmEncoder(server.url, info.config, preprocessor, server=server), info.root)
+    except BaseException:
+        server.stop()
+        raise
