@@ -11,6 +11,28 @@ import math
 from pathlib import Path
 
 from jev4.datasets.containers import DatasetError, RetrievalDataset, STSDataset
+from jev4.errors import Jev4Error
+
+
+def read_text_file(
+    path: Path, label: str, noun: str, hint: str, error: type[Jev4Error] = DatasetError, encoding_hint: str | None = None
+) -> str:
+    """A user's UTF-8 text file, or one ``error`` naming it (``label``) and what to give instead (``hint``, ``encoding_hint``).
+
+    Checked in this order: a directory, a missing file, not a regular file
+    (a FIFO would block the read), not UTF-8. Shared by every reader of a
+    user's file (calibration data, QAT pairs) so they all answer alike.
+    """
+    if path.is_dir():
+        raise error(f"{label}: is a directory; {hint}")
+    if not path.exists():
+        raise error(f"{label}: {noun} not found")
+    if not path.is_file():
+        raise error(f"{label}: is not a regular file; {hint}")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{label}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); {encoding_hint or hint}") from exc
 
 
 def _read_lines(path: Path) -> list[str]:

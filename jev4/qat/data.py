@@ -18,6 +18,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from jev4.datasets.files import read_text_file
 from jev4.errors import Jev4Error
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -80,18 +81,7 @@ def _item(value: object, base: Path, where: str) -> Item:
 
 
 def _read_pairs_text(path: Path) -> str:
-    if path.is_dir():
-        raise QATDataError(f"--data {path}: is a directory; give a JSONL file of pairs (or {BUILTIN})")
-    if not path.exists():
-        raise QATDataError(f"--data {path}: pairs file not found")
-    if not path.is_file():
-        raise QATDataError(f"--data {path}: is not a regular file; give a JSONL file of pairs")
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise QATDataError(
-            f"--data {path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); give a JSONL file, one pair per line"
-        ) from exc
+    return read_text_file(path, f"--data {path}", "pairs file", f"give a JSONL file of pairs (or {BUILTIN})", QATDataError, "give a JSONL file, one pair per line")
 
 
 def load_pairs(path: str | Path) -> list[Pair]:

@@ -50,6 +50,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from jev4.datasets.files import read_text_file
 from jev4.errors import Jev4Error
 from jev4.model.preprocess import Preprocessor, load_image, text_prefix
 
@@ -127,16 +128,9 @@ def _relevant_doc(data, query: int) -> int:
     return next(iter(data.qrels[query]))
 
 
-def _read_text(path: Path, what: str) -> str:
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CalibrationError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); {what}") from exc
-
-
-def _load_jsonl(path: Path) -> list[CalibItem]:
+def _load_jsonl(path: Path, text: str) -> list[CalibItem]:
     items: list[CalibItem] = []
-    for number, line in enumerate(_read_text(path, "give one JSON object per line").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -159,16 +153,12 @@ def _load_jsonl(path: Path) -> list[CalibItem]:
 def load_calibration_file(path: str | Path) -> list[CalibItem]:
     """Samples from a text file (one per non-empty line) or a ``.jsonl`` file (text / image records)."""
     path = Path(path)
-    if path.is_dir():
-        raise CalibrationError(f"{path}: is a directory; give a calibration file (one text per line, or JSONL)")
-    if not path.exists():
-        raise CalibrationError(f"{path}: calibration file not found")
-    if not path.is_file():
-        raise CalibrationError(f"{path}: is not a regular file; give a calibration file (one text per line, or JSONL)")
-    if path.suffix.lower() == ".jsonl":
-        items = _load_jsonl(path)
+    jsonl = path.suffix.lower() == ".jsonl"
+    encoding = "give one JSON object per line" if jsonl else "give one text per line, or JSONL"
+    text = read_text_file(path, str(path), "calibration file", "give a calibration file (one text per line, or JSONL)", CalibrationError, encoding)
+    if jsonl:
+        items = _load_jsonl(path, text)
     else:
-        text = _read_text(path, "give one text per line, or JSONL")
         items = [line for line in text.splitlines() if line.strip()]
     if not items:
         raise CalibrationError(f"{path}: no calibration samples in the file")

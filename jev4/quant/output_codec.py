@@ -138,19 +138,12 @@ def _compatible(calibration: Calibration | None, precision: str) -> Calibration:
 
 def read_calibration_documents(path: str | Path) -> list[str]:
     """The non-empty lines of ``--output-calib-data``: a UTF-8 text file with at least 2 documents."""
+    from jev4.datasets.files import read_text_file
+
     path = Path(path)
-    if path.is_dir():
-        raise EmbeddingQuantError(f"--output-calib-data {path}: is a directory; give a text file, one document per line")
-    if not path.exists():
-        raise EmbeddingQuantError(f"--output-calib-data {path}: calibration file not found")
-    if not path.is_file():
-        raise EmbeddingQuantError(f"--output-calib-data {path}: is not a regular file; give a text file, one document per line")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise EmbeddingQuantError(
-            f"--output-calib-data {path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); give one document per line"
-        ) from exc
+    text = read_text_file(
+        path, f"--output-calib-data {path}", "calibration file", "give a text file, one document per line", EmbeddingQuantError, "give one document per line"
+    )
     docs = [line for line in text.splitlines() if line.strip()]
     if not docs:
         what = "is empty" if not text else "holds only blank lines"
