@@ -40,5 +40,16 @@ $(VLLM_VENV)/.installed: constraints-vllm.txt
 
 vllm-env: $(VLLM_VENV)/.installed
 
+# Triton (PyTriton 0.7.0 bundles a Triton 2.51 server with the python backend) pins numpy<2 and protobuf<7: a venv of its own.
+TRITON_VENV := .venv-triton
+$(TRITON_VENV)/.installed: constraints-triton.txt pyproject.toml
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/pip install -q "$(TORCH)"
+	$(TRITON_VENV)/bin/pip install -q -c constraints-triton.txt -e ".[onnx]" nvidia-pytriton==0.7.0
+	touch $@
+
+triton-env: $(TRITON_VENV)/.installed
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) demo-out .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(TRITON_VENV) demo-out .pytest_cache
