@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.jev4-installed
 
-.PHONY: setup demo test test-slow vllm-env clean
+.PHONY: setup demo test test-slow vllm-env infinity-env clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,17 @@ $(VLLM_VENV)/.installed: constraints-vllm.txt
 
 vllm-env: $(VLLM_VENV)/.installed
 
+# infinity-emb pins numpy<2 and transformers 4.x: it lives in a venv of its own, from pinned constraints (no CUDA packages).
+INFINITY_VENV := .venv-infinity
+$(INFINITY_VENV)/.installed: constraints-infinity.txt
+	$(PYTHON) -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/pip install -q --upgrade pip
+	$(INFINITY_VENV)/bin/pip install -q "$(TORCH)"
+	$(INFINITY_VENV)/bin/pip install -q -c constraints-infinity.txt "infinity-emb[server,torch]==0.0.78"
+	touch $@
+
+infinity-env: $(INFINITY_VENV)/.installed
+
 # Triton (PyTriton 0.7.0 bundles a Triton 2.51 server with the python backend) pins numpy<2 and protobuf<7: a venv of its own.
 TRITON_VENV := .venv-triton
 $(TRITON_VENV)/.installed: constraints-triton.txt pyproject.toml
@@ -52,4 +63,4 @@ $(TRITON_VENV)/.installed: constraints-triton.txt pyproject.toml
 triton-env: $(TRITON_VENV)/.installed
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(TRITON_VENV) demo-out .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(TRITON_VENV) $(INFINITY_VENV) demo-out .pytest_cache
