@@ -33,7 +33,7 @@ from jev4.runtime.text_only import is_text_only, read_text_only_config
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "vllm")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "vllm", "triton")
 TEXT_ONLY_KIND = "merged-text-only"
 
 
@@ -96,6 +96,8 @@ def load(
     task: str | None = None,
     url: str | None = None,
     vllm_python: str | None = None,
+    triton_protocol: str = "http",
+    triton_python: str | None = None,
 ) -> Encoder:
     """The encoder for ``path``; ``backend`` picks the engine (``auto``: what the directory holds).
 
@@ -103,6 +105,11 @@ def load(
     server's ``/v1``; without, jev4 starts one from ``vllm_python`` (default
     ``.venv-vllm/bin/python``) and the encoder owns it: use it in ``with`` or
     call ``close()``.
+
+    ``backend="triton"`` (any artifact this runtime opens): with ``url``, a
+    running Triton server (``jev4.runtime.triton_serve``); without, jev4 starts
+    one from ``triton_python`` (default ``.venv-triton/bin/python``), owned by
+    the encoder like vLLM's. ``triton_protocol``: ``http`` or ``grpc``.
 
     ``quantization`` (torch only: ``fp8``, ``bnb-int8``, ``bnb-nf4``) merges ``task``'s adapter and
     quantizes the language model's Linear layers (``jev4.runtime.torch_quantized``).
@@ -117,6 +124,8 @@ def load(
         verify_manifest(root)
     if backend == "vllm":
         return _vllm_encoder(info, url, vllm_python)
+    if backend == "triton":
+        return _triton_encoder(info, url, triton_protocol, triton_python)
     if backend == "torch":
         _check_device(device)
         if kind == "onnx":
@@ -168,6 +177,22 @@ def _vllm_encoder(info: ArtifactInfo, url: str | None, python: str | None) -> En
     server = VllmServer(settings).__enter__()
     try:
         return _with_output_codec(VllmEncoder(server.url, info.config, preprocessor, server=server), info.root)
+    except BaseException:
+        server.stop()
+        raise
+
+
+def _triton_encoder(info: ArtifactInfo, url: str | None, protocol: str, python: str | None) -> Encoder:
+    """A Triton encoder for any artifact: over ``url``, or over a server started here on ``info.root`` (owned by the encoder)."""
+    from jev4.runtime.triton_backend import PROTOCOLS, TritonEncoder, TritonServer, TritonServerSettings
+
+    if protocol not in PROTOCOLS:
+        raise Jev4Error(f"unknown triton_protocol {protocol!r}; choose one of {PROTOCOLS}")
+    if url is not None:
+        return _with_output_codec(TritonEncoder(url, protocol), info.root)
+    server = TritonServer(TritonServerSettings(artifact=str(info.root), **({"python": python} if python else {}))).__enter__()
+    try:
+        return _with_output_codec(TritonEncoder(server.url(protocol), protocol, server=server), info.root)
     except BaseException:
         server.stop()
         raise
