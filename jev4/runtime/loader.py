@@ -33,7 +33,7 @@ from jev4.runtime.text_only import is_text_only, read_text_only_config
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "vllm", "triton")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "vllm", "infinity", "triton")
 TEXT_ONLY_KIND = "merged-text-only"
 
 
@@ -98,6 +98,7 @@ def load(
     vllm_python: str | None = None,
     triton_protocol: str = "http",
     triton_python: str | None = None,
+    infinity_python: str | None = None,
 ) -> Encoder:
     """The encoder for ``path``; ``backend`` picks the engine (``auto``: what the directory holds).
 
@@ -111,6 +112,11 @@ def load(
     one from ``triton_python`` (default ``.venv-triton/bin/python``), owned by
     the encoder like vLLM's. ``triton_protocol``: ``http`` or ``grpc``.
 
+    ``backend="infinity"`` (a --text-only export): with ``url``, a running
+    infinity-emb server (``http://host:port``, no ``/v1``); without, jev4
+    starts one from ``infinity_python`` (default ``.venv-infinity/bin/python``),
+    owned by the encoder like vLLM's. Single vectors only; jev4 applies the prompts.
+
     ``quantization`` (torch only: ``fp8``, ``bnb-int8``, ``bnb-nf4``) merges ``task``'s adapter and
     quantizes the language model's Linear layers (``jev4.runtime.torch_quantized``).
     """
@@ -122,6 +128,8 @@ def load(
         backend = "onnxruntime" if kind == "onnx" else "torch"
     if manifest is not None and verify:
         verify_manifest(root)
+    if backend == "infinity":
+        return _infinity_encoder(info, url, infinity_python)
     if backend == "vllm":
         return _vllm_encoder(info, url, vllm_python)
     if backend == "triton":
@@ -193,6 +201,24 @@ def _triton_encoder(info: ArtifactInfo, url: str | None, protocol: str, python: 
     server = TritonServer(TritonServerSettings(artifact=str(info.root), **({"python": python} if python else {}))).__enter__()
     try:
         return _with_output_codec(TritonEncoder(server.url(protocol), protocol, server=server), info.root)
+    except BaseException:
+        server.stop()
+        raise
+
+
+def _infinity_encoder(info: ArtifactInfo, url: str | None, python: str | None) -> Encoder:
+    """An infinity-emb encoder for a --text-only export: over ``url``, or over a server started here (and owned by the encoder)."""
+    from jev4.runtime.infinity_backend import InfinityEncoder, InfinityServer, InfinityServerSettings
+
+    if info.kind != TEXT_ONLY_KIND:
+        raise ManifestError(f"{info.root}: is a {info.kind}; infinity-emb serves the --text-only export (jev4-export --text-only)")
+    preprocessor = Preprocessor.from_dir(info.root, info.config)
+    if url is not None:
+        return _with_output_codec(InfinityEncoder(url, info.config, preprocessor), info.root)
+    settings = InfinityServerSettings(artifact=str(info.root), **({"python": python} if python else {}))
+    server = InfinityServer(settings).__enter__()
+    try:
+        return _with_output_codec(InfinityEncoder(server.url, info.config, preprocessor, server=server), info.root)
     except BaseException:
         server.stop()
         raise
