@@ -191,6 +191,17 @@ def _build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _triton_repo(args: argparse.Namespace) -> int:
+    from jev4.export.triton_repo import TritonRepoSettings, write_triton_repo
+
+    settings = TritonRepoSettings(
+        artifact=args.artifact, out=args.out, force=args.force, max_batch_size=args.max_batch_size,
+        instances=args.instances, kind=args.kind, language_backend=args.language_backend,
+    )  # fmt: skip
+    print(write_triton_repo(settings))
+    return 0
+
+
 def _codec_list(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None
@@ -334,6 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     qat.add_argument("--resume", action="store_true", help="continue from OUT.qat-state if it exists")
     qat.add_argument("--force", action="store_true")
     qat.set_defaults(handler=_qat)
+
+    repo = sub.add_parser("triton-repo", parents=[common], help="a Triton model repository (ensemble: preprocess, language graph, pool) for an ONNX artifact")
+    repo.add_argument("artifact", help="ONNX artifact dir (jev4-export --format onnx; engines from jev4 build-engine are added as language_trt)")
+    repo.add_argument("out", help="model repository to write")
+    repo.add_argument("--max-batch-size", type=int, default=8, help="max_batch_size of every model (dynamic batching on)")
+    repo.add_argument("--instances", type=int, default=1, help="instance_group count per model")
+    repo.add_argument("--kind", choices=("cpu", "gpu"), default="cpu", help="instance kind of the language model")
+    repo.add_argument("--language-backend", choices=("onnxruntime", "python"), default="onnxruntime", help="python: onnxruntime inside the python backend (a Triton without the onnxruntime backend)")
+    repo.add_argument("--force", action="store_true")
+    repo.set_defaults(handler=_triton_repo)
 
     demo = sub.add_parser("demo", parents=[common], help="tiny checkpoint -> merge -> parity table")
     demo.add_argument("--workdir", default="demo-out")
