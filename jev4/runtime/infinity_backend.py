@@ -153,6 +153,7 @@ class InfinityEncoder(Encoder):
         self.model = model
         self.timeout = timeout
         self.server = server  # the server this encoder started (load(..., backend="infinity")); stopped by close()
+        self._version: str | None = None
         if server is not None:
             weakref.finalize(self, server.stop)  # a safety net: close() or `with` is the way
 
@@ -165,7 +166,14 @@ class InfinityEncoder(Encoder):
         return False
 
     def engine(self) -> str:
-        return f"{ENGINE} (torch engine, CPU) at {self.url}"
+        """``infinity-emb 0.0.78 at URL``: the version its OpenAPI document reports (a report must name what answered)."""
+        if self._version is None:
+            try:
+                with urllib.request.urlopen(f"{self.url}/openapi.json", timeout=5) as response:
+                    self._version = str(json.loads(response.read())["info"]["version"])
+            except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+                return f"{ENGINE} (version unknown) at {self.url}"
+        return f"{ENGINE} {self._version} at {self.url}"
 
     def __enter__(self) -> InfinityEncoder:
         return self

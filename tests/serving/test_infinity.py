@@ -92,6 +92,7 @@ def test_trailing_whitespace_is_stripped_by_infinity(served, reference, caplog):
 def test_a_running_server_by_url(served, export):
     client = rt.load(export, backend="infinity", url=served.url)
     assert client.server is None
+    assert client.engine() == f"infinity-emb 0.0.78 at {served.url}"
     assert _cos(client.encode_text(TEXTS, task="retrieval"), served.encode_text(TEXTS, task="retrieval")).min() > 0.999999
 
 
