@@ -23,6 +23,8 @@ import io
 import json
 import logging
 import re
+import shutil
+import tempfile
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,9 +97,9 @@ class TritonServerSettings:
     max_batch_size: int = 32
     startup_timeout: float = 300.0
 
-    def command(self, http_port: int, grpc_port: int) -> list[str]:
+    def command(self, http_port: int, grpc_port: int, workspace: str) -> list[str]:
         return [
-            self.python, "-m", "jev4.runtime.triton_serve", self.artifact,
+            self.python, "-m", "jev4.runtime.triton_serve", self.artifact, "--workspace", workspace,
             "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--host", self.host,
             "--provider", self.provider, "--max-batch-size", str(self.max_batch_size),
         ]  # fmt: skip
@@ -112,12 +114,16 @@ class TritonServer:
     """
 
     def __init__(self, settings: TritonServerSettings):
+        if not Path(settings.python).is_file():
+            raise ServingError(f"{settings.python}: no Triton environment; build it with make triton-env (or point python= at one)")
         self.settings = settings
         self.http_port = settings.http_port or free_port(settings.host)
         self.grpc_port = settings.grpc_port or free_port(settings.host)
         health = f"http://{settings.host}:{self.http_port}/v2/models/{MODEL_NAME}/ready"
+        # PyTriton's workspace (model store, sockets) is ours: removed on stop even when the server was killed.
+        self.workspace = tempfile.mkdtemp(prefix="jev4-triton-")
         self.process = ServerProcess(
-            "Triton", settings.command(self.http_port, self.grpc_port), health, settings.startup_timeout, make_env="make triton-env"
+            "Triton", settings.command(self.http_port, self.grpc_port, str(Path(self.workspace) / "pytriton")), health, settings.startup_timeout, make_env="make triton-env"
         )
 
     def url(self, protocol: str = "http") -> str:
@@ -133,6 +139,7 @@ class TritonServer:
 
     def stop(self) -> None:
         self.process.stop()
+        shutil.rmtree(self.workspace, ignore_errors=True)
 
 
 class TritonEncoder(Encoder):

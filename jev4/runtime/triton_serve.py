@@ -61,6 +61,7 @@ class ServeSettings:
     queue_delay_us: int = 2000
     encode_batch_size: int = 8
     max_length: int = 8192
+    workspace: str | None = None  # PyTriton's model store and sockets; None: a fresh dir under ~/.cache/pytriton
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ def bind_and_serve(settings: ServeSettings) -> int:
     ]
     batcher = DynamicBatcher(max_queue_delay_microseconds=settings.queue_delay_us)
     signal.signal(signal.SIGTERM, _interrupt)
-    with Triton(config=config) as triton:
+    with Triton(config=config, workspace=settings.workspace) as triton:
         triton.bind(MODEL_NAME, model, inputs, outputs, config=ModelConfig(max_batch_size=settings.max_batch_size, batcher=batcher))
         log.info("serving %s as Triton model %r on http %s:%d, grpc %s:%d", settings.artifact, MODEL_NAME, settings.host, settings.http_port, settings.host, settings.grpc_port)
         triton.serve()  # returns on KeyboardInterrupt (SIGINT, or SIGTERM through _interrupt) after stopping Triton
@@ -277,9 +278,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeSettings:
     parser.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batcher: how long a request may wait for others")
     parser.add_argument("--encode-batch-size", type=int, default=8, help="rows per forward pass inside jev4")
     parser.add_argument("--max-length", type=int, default=8192, help="default token limit per text (a request's max_length overrides it)")
+    parser.add_argument("--workspace", help="PyTriton workspace dir (default: a new one under ~/.cache/pytriton, removed on a clean stop)")
     args = parser.parse_args(argv)
     return ServeSettings(
-        args.artifact, args.http_port, args.grpc_port, args.provider, args.host, args.max_batch_size, args.queue_delay_us, args.encode_batch_size, args.max_length
+        args.artifact, args.http_port, args.grpc_port, args.provider, args.host, args.max_batch_size, args.queue_delay_us, args.encode_batch_size, args.max_length, args.workspace
     )
 
 

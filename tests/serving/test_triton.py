@@ -72,6 +72,7 @@ def served(artifact):
     encoder.close()
     assert encoder.server.process.process.returncode == 0  # SIGTERM: a clean exit
     assert not any(os.path.exists(f"/proc/{pid}") for pid in children)
+    assert not Path(encoder.server.workspace).exists()
 
 
 @pytest.fixture(scope="module", params=["http", "grpc"])
@@ -179,3 +180,4 @@ def test_server_killed_mid_request(artifact):
         assert server.url("grpc") in result.get("error", "") and "no usable answer" in result["error"]
         assert result["seconds"] < 35
     assert server.process.process.poll() is not None
+    assert not Path(server.workspace).exists()  # PyTriton's workspace goes too, though the server was killed
