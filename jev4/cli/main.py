@@ -225,6 +225,9 @@ def _validate(args: argparse.Namespace) -> int:
             thresholds=args.thresholds,
             precision=args.precision,
             provider=args.provider,
+            backend=args.backend,
+            url=args.url,
+            vllm_pooling=args.vllm_pooling,
             max_queries=args.max_queries,
             max_docs=args.max_docs,
             max_length=args.max_length,
@@ -287,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--thresholds", help="JSON file overriding the default thresholds")
     val.add_argument("--precision", help="threshold set to use (default: from the artifact's manifest)")
     val.add_argument("--provider", default="cpu", help="onnxruntime provider for ONNX artifacts: cpu, cuda, tensorrt")
+    val.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "tensorrt", "vllm"], default="auto", help="engine that runs the artifact (default: what the artifact is); vllm: a --text-only export served by vLLM")
+    val.add_argument("--url", help="--backend vllm: a running server's /v1 URL (default: jev4 starts one from .venv-vllm and stops it after)")
+    val.add_argument(
+        "--vllm-pooling", choices=["embed", "token_embed"], help="pooling of the vLLM server jev4 starts: token_embed (default: single and multi-vectors) or embed (/v1/embeddings, single only)"
+    )
     val.add_argument("--max-queries", type=int, default=200)
     val.add_argument("--max-docs", type=int, default=1000)
     val.add_argument("--max-length", type=int, default=512)

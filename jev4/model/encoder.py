@@ -122,6 +122,20 @@ class Encoder(ABC):
         # the object that turns float outputs into codes when encode_* is asked for an output_precision.
         self.output_codec: OutputCodecLike | None = None
 
+    @property
+    def supports_images(self) -> bool:
+        """Whether ``encode_image`` can run (a text-only export or a text-only server cannot)."""
+        return True
+
+    @property
+    def supports_multivector(self) -> bool:
+        """Whether ``return_multivector=True`` can be answered (a server's pooled-vector endpoint cannot)."""
+        return True
+
+    def engine(self) -> str:
+        """What computes the embeddings, for reports: jev4 in this process, or a named server and its version."""
+        return f"jev4 in-process ({type(self).__name__})"
+
     def _quantize_output(self, vectors, precision: str | None, truncate_dim: int | None, multivector: bool):
         """Floats unchanged (``precision`` None or float32), else the artifact's codes: an array, or a list for multi-vectors."""
         if precision in (None, "float32"):

@@ -96,6 +96,7 @@ def load(
     task: str | None = None,
     url: str | None = None,
     vllm_python: str | None = None,
+    vllm_pooling: str | None = None,
     triton_protocol: str = "http",
     triton_python: str | None = None,
     infinity_python: str | None = None,
@@ -105,7 +106,9 @@ def load(
     ``backend="vllm"`` (a --text-only export): with ``url``, a running vLLM
     server's ``/v1``; without, jev4 starts one from ``vllm_python`` (default
     ``.venv-vllm/bin/python``) and the encoder owns it: use it in ``with`` or
-    call ``close()``.
+    call ``close()``. ``vllm_pooling``: ``embed`` (single vectors through
+    ``/v1/embeddings``, the default for a started server) or ``token_embed``
+    (token states: single and multi-vectors); None with ``url`` asks the server.
 
     ``backend="triton"`` (any artifact this runtime opens): with ``url``, a
     running Triton server (``jev4.runtime.triton_serve``); without, jev4 starts
@@ -131,7 +134,7 @@ def load(
     if backend == "infinity":
         return _infinity_encoder(info, url, infinity_python)
     if backend == "vllm":
-        return _vllm_encoder(info, url, vllm_python)
+        return _vllm_encoder(info, url, vllm_python, vllm_pooling)
     if backend == "triton":
         return _triton_encoder(info, url, triton_protocol, triton_python)
     if backend == "torch":
@@ -172,19 +175,25 @@ def _with_output_codec(encoder: Encoder, root: Path) -> Encoder:
     return encoder
 
 
-def _vllm_encoder(info: ArtifactInfo, url: str | None, python: str | None) -> Encoder:
+def _vllm_encoder(info: ArtifactInfo, url: str | None, python: str | None, pooling: str | None) -> Encoder:
     """A vLLM encoder for a --text-only export: over ``url``, or over a server started here (and owned by the encoder)."""
-    from jev4.runtime.vllm_backend import VllmEncoder, VllmServer, VllmServerSettings
+    import torch
+
+    from jev4.runtime.text_only import PROJECTOR_KEY, read_projector
+    from jev4.runtime.vllm_backend import VllmEncoder, VllmServer, VllmServerSettings, check_pooling
 
     if info.kind != TEXT_ONLY_KIND:
         raise ManifestError(f"{info.root}: is a {info.kind}; vLLM serves the --text-only export (jev4-export --text-only)")
+    if pooling is not None:
+        check_pooling(pooling)
     preprocessor = Preprocessor.from_dir(info.root, info.config)
+    projector = read_projector(info.root / info.config.raw[PROJECTOR_KEY], info.config.hidden_size, torch.float32, "cpu")
     if url is not None:
-        return _with_output_codec(VllmEncoder(url, info.config, preprocessor), info.root)
-    settings = VllmServerSettings(artifact=str(info.root), **({"python": python} if python else {}))
+        return _with_output_codec(VllmEncoder(url, info.config, preprocessor, pooling=pooling, projector=projector), info.root)
+    settings = VllmServerSettings(artifact=str(info.root), pooling=pooling or "embed", **({"python": python} if python else {}))
     server = VllmServer(settings).__enter__()
     try:
-        return _with_output_codec(VllmEncoder(server.url, info.config, preprocessor, server=server), info.root)
+        return _with_output_codec(VllmEncoder(server.url, info.config, preprocessor, pooling=settings.pooling, projector=projector, server=server), info.root)
     except BaseException:
         server.stop()
         raise

@@ -82,6 +82,10 @@ class OnnxRuntimeEncoder(Encoder):
         text = {**(config.raw.get("text_config") or {}), **config.raw}
         self.heads = int(text.get("num_attention_heads", 1))
 
+    @property
+    def supports_images(self) -> bool:
+        return "vision" in self.sessions
+
     def _image_embeds(self, inputs: ModelInputs) -> np.ndarray:
         from jev4.export.onnx_vision import vision_feed
 

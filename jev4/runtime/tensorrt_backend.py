@@ -280,6 +280,10 @@ class TensorRTEncoder(Encoder):
             chunks.append(vision.run(feed)["image_embeds"])
         return torch.cat(chunks)
 
+    @property
+    def supports_images(self) -> bool:
+        return self.with_images
+
     def _forward(self, inputs: ModelInputs, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         feed: dict[str, Any] = dict(language_feed(inputs))
         if self.with_images:

@@ -115,10 +115,14 @@ class TextOnlyEncoder(Encoder):
                     params[name].copy_(tensor)
                     seen.add(name)
         check_accounting(seen, set(params), str(root))
-        projector = _read_projector(root / config.raw[PROJECTOR_KEY], config.hidden_size, torch_dtype, device)
+        projector = read_projector(root / config.raw[PROJECTOR_KEY], config.hidden_size, torch_dtype, device)
         config = JinaV4Config(**{**config.__dict__, "multi_vector_dim": projector.out_features})
         log.info("loaded text-only export %s (%s, task %s)", root, dtype, config.merged_task)
         return cls(model.eval(), projector, config, Preprocessor.from_dir(root, config), device)
+
+    @property
+    def supports_images(self) -> bool:
+        return False  # no vision tower: encode_image is refused by the preprocessor (no image processor)
 
     @torch.inference_mode()
     def _forward(self, inputs: ModelInputs, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +139,8 @@ class TextOnlyEncoder(Encoder):
         return single.float(), multi.float()
 
 
-def _read_projector(path: Path, hidden: int, dtype: torch.dtype, device: str | torch.device) -> nn.Linear:
+def read_projector(path: Path, hidden: int, dtype: torch.dtype, device: str | torch.device) -> nn.Linear:
+    """The multi-vector projector (Linear hidden -> dim) from its own file; any other tensor in it is an error."""
     if not path.is_file():
         raise CheckpointError(f"{path}: the multi-vector projector of this text-only export is missing")
     tensors = {name.removeprefix(_PROJECTOR_PREFIX): tensor for name, tensor in iter_shard_tensors(path)}

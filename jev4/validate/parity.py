@@ -9,7 +9,7 @@ query-to-document rankings.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -33,23 +33,28 @@ class EncodedSet:
     multi: list[np.ndarray]  # [tokens_i, P]
 
 
-def encode_probes(encoder: Encoder, probes: ProbeSet, task: str, batch_size: int, progress: bool) -> dict[str, EncodedSet]:
-    """Run one encoder on every probe: queries (query prompt), texts (passage prompt), images."""
+def encode_probes(encoder: Encoder, probes: ProbeSet, task: str, batch_size: int, progress: bool, multivector: bool = True) -> dict[str, EncodedSet]:
+    """Run one encoder on every probe: queries (query prompt), texts (passage prompt), images; multi-vectors if asked."""
     common = dict(task=task, batch_size=batch_size, progress=progress)
-    groups: dict[str, EncodedSet] = {}
     text_kw = dict(max_length=probes.max_length, **common)
-    groups["query"] = EncodedSet(
-        encoder.encode_text(probes.queries, prompt_name="query", **text_kw).numpy(),
-        [m.numpy() for m in encoder.encode_text(probes.queries, prompt_name="query", return_multivector=True, **text_kw)],
-    )
-    groups["text"] = EncodedSet(
-        encoder.encode_text(probes.texts, prompt_name="passage", **text_kw).numpy(),
-        [m.numpy() for m in encoder.encode_text(probes.texts, prompt_name="passage", return_multivector=True, **text_kw)],
-    )
+
+    def multi(vectors) -> list[np.ndarray]:
+        return [m.numpy() for m in vectors]
+
+    groups: dict[str, EncodedSet] = {
+        "query": EncodedSet(
+            encoder.encode_text(probes.queries, prompt_name="query", **text_kw).numpy(),
+            multi(encoder.encode_text(probes.queries, prompt_name="query", return_multivector=True, **text_kw)) if multivector else [],
+        ),
+        "text": EncodedSet(
+            encoder.encode_text(probes.texts, prompt_name="passage", **text_kw).numpy(),
+            multi(encoder.encode_text(probes.texts, prompt_name="passage", return_multivector=True, **text_kw)) if multivector else [],
+        ),
+    }
     if probes.images:
         groups["image"] = EncodedSet(
             encoder.encode_image(probes.images, **common).numpy(),
-            [m.numpy() for m in encoder.encode_image(probes.images, return_multivector=True, **common)],
+            multi(encoder.encode_image(probes.images, return_multivector=True, **common)) if multivector else [],
         )
     return groups
 
@@ -74,6 +79,12 @@ def compare_probes(reference: dict[str, EncodedSet], artifact: dict[str, Encoded
         for d in dims:
             cos_by_dim[str(d)].extend(cosines[str(d)].tolist())
             abs_by_dim[str(d)] = max(abs_by_dim[str(d)], max_abs(_truncate(ref.single, d), _truncate(art.single, d)))
+        if not art.multi:  # multi-vectors not measured (the artifact does not serve them)
+            per_input += [
+                {"id": f"{kind}-{i}", "kind": kind, "tokens": None, "cosine": {k: float(v[i]) for k, v in cosines.items()}, "max_abs": max_abs(ref.single[i], art.single[i])}
+                for i in range(len(ref.single))
+            ]
+            continue
         for i, (rm, am) in enumerate(zip(ref.multi, art.multi, strict=True)):
             if rm.shape != am.shape:
                 raise ValueError(f"{kind} {i}: multi-vector shape {rm.shape} vs {am.shape}")
@@ -90,22 +101,25 @@ def compare_probes(reference: dict[str, EncodedSet], artifact: dict[str, Encoded
                     "multi_cosine_mean": float(tc.mean()),
                 }
             )
-    all_tokens = np.concatenate(token_cos)
     docs_ref = _documents(reference)
     docs_art = _documents(artifact)
     ref_scores = reference["query"].single @ docs_ref.single.T
     art_scores = artifact["query"].single @ docs_art.single.T
-    ref_maxsim = maxsim_scores(reference["query"].multi, docs_ref.multi)
-    art_maxsim = maxsim_scores(artifact["query"].multi, docs_art.multi)
     k = min(10, ref_scores.shape[1])
-    sample = all_tokens if len(all_tokens) <= MAX_TOKEN_COSINES else all_tokens[np.linspace(0, len(all_tokens) - 1, MAX_TOKEN_COSINES).astype(int)]
+    multi_min = multi_mean = maxsim = None
+    sample = np.zeros(0)
+    if token_cos:
+        all_tokens = np.concatenate(token_cos)
+        multi_min, multi_mean = float(all_tokens.min()), float(all_tokens.mean())
+        maxsim = pearson(maxsim_scores(reference["query"].multi, docs_ref.multi).ravel(), maxsim_scores(artifact["query"].multi, docs_art.multi).ravel())
+        sample = all_tokens if len(all_tokens) <= MAX_TOKEN_COSINES else all_tokens[np.linspace(0, len(all_tokens) - 1, MAX_TOKEN_COSINES).astype(int)]
     return ParityResult(
         single_cosine_min={d: float(np.min(v)) for d, v in cos_by_dim.items()},
         single_cosine_mean={d: float(np.mean(v)) for d, v in cos_by_dim.items()},
         single_max_abs=abs_by_dim,
-        multi_token_cosine_min=float(all_tokens.min()),
-        multi_token_cosine_mean=float(all_tokens.mean()),
-        maxsim_pearson=pearson(ref_maxsim.ravel(), art_maxsim.ravel()),
+        multi_token_cosine_min=multi_min,
+        multi_token_cosine_mean=multi_mean,
+        maxsim_pearson=maxsim,
         topk_overlap=topk_overlap(ref_scores, art_scores, k=k),
         score_spearman=spearman(ref_scores.ravel(), art_scores.ravel()),
         per_input=per_input,
@@ -121,8 +135,12 @@ def _documents(groups: dict[str, EncodedSet]) -> EncodedSet:
 
 
 def run_parity(reference: Encoder, artifact: Encoder, probes: ProbeSet, task: str, batch_size: int = 8, progress: bool = True) -> ParityResult:
+    """Both encoders on the probe set; images and multi-vectors only where the artifact serves them (the report says which)."""
     dims = list(reference.config.matryoshka_dims)
+    if not artifact.supports_images:
+        probes = replace(probes, images=[])
+    multivector = artifact.supports_multivector
     log.info("parity: encoding %d queries, %d texts, %d images with each encoder", len(probes.queries), len(probes.texts), len(probes.images))
-    ref = encode_probes(reference, probes, task, batch_size, progress)
-    art = encode_probes(artifact, probes, task, batch_size, progress)
+    ref = encode_probes(reference, probes, task, batch_size, progress, multivector)
+    art = encode_probes(artifact, probes, task, batch_size, progress, multivector)
     return compare_probes(ref, art, dims)

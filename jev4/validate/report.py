@@ -184,8 +184,13 @@ def _headline(report: ValidationReport) -> str:
 def _context(report: ValidationReport) -> list[tuple[str, str]]:
     s = report.settings if isinstance(report.settings, dict) else {}
     items = [("artifact", s.get("artifact")), ("reference", s.get("reference")), ("adapter", s.get("adapter")), ("precision", report.precision)]
-    if s.get("provider"):
+    env = report.environment if isinstance(report.environment, dict) else {}
+    if env.get("engine"):
+        items.append(("engine", env["engine"]))
+    elif s.get("provider"):
         items.append(("provider", s.get("provider")))
+    for gap in s.get("not_measured") or ():
+        items.append(("not measured", gap))
     return [(k, str(v)) for k, v in items if v not in (None, "")]
 
 

@@ -47,9 +47,9 @@ class ParityResult:
     single_cosine_min: dict[str, float]  # per Matryoshka dim ("2048", "128", ...)
     single_cosine_mean: dict[str, float]
     single_max_abs: dict[str, float]
-    multi_token_cosine_min: float
-    multi_token_cosine_mean: float
-    maxsim_pearson: float
+    multi_token_cosine_min: float | None  # None: not measured (the artifact serves no multi-vectors)
+    multi_token_cosine_mean: float | None
+    maxsim_pearson: float | None
     topk_overlap: float  # mean top-10 overlap of query->doc rankings
     score_spearman: float  # Spearman of query-document scores
     per_input: list[dict[str, Any]] = field(default_factory=list)
