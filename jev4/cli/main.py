@@ -290,8 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--thresholds", help="JSON file overriding the default thresholds")
     val.add_argument("--precision", help="threshold set to use (default: from the artifact's manifest)")
     val.add_argument("--provider", default="cpu", help="onnxruntime provider for ONNX artifacts: cpu, cuda, tensorrt")
-    val.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "tensorrt", "vllm"], default="auto", help="engine that runs the artifact (default: what the artifact is); vllm: a --text-only export served by vLLM")
-    val.add_argument("--url", help="--backend vllm: a running server's /v1 URL (default: jev4 starts one from .venv-vllm and stops it after)")
+    val.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnxruntime", "tensorrt", "vllm", "triton", "infinity"],
+        default="auto",
+        help="engine that runs the artifact (default: what the artifact is); vllm, infinity: a --text-only export served by that engine; triton: any artifact served by Triton (PyTriton)",
+    )
+    val.add_argument("--url", help="a running server of --backend vllm (http://HOST:PORT/v1), triton or infinity; default: jev4 starts one from its venv (.venv-vllm, ...) and stops it after")
     val.add_argument(
         "--vllm-pooling", choices=["embed", "token_embed"], help="pooling of the vLLM server jev4 starts: token_embed (default: single and multi-vectors) or embed (/v1/embeddings, single only)"
     )

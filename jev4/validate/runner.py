@@ -31,6 +31,7 @@ from jev4.validate.thresholds import Thresholds, codec_checks, codec_thresholds,
 
 log = logging.getLogger(__name__)
 
+SERVED_BACKENDS = ("vllm", "triton", "infinity")  # engines reached over HTTP/gRPC, each in its own environment
 FLOAT_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -47,8 +48,8 @@ class ValidateSettings:
     thresholds: str | None = None
     precision: str | None = None  # default: read from the artifact's manifest
     provider: str = "cpu"
-    backend: str = "auto"  # how the artifact runs: auto (what it is), torch, onnxruntime, tensorrt, vllm
-    url: str | None = None  # a running server of that backend (vllm: http://HOST:PORT/v1)
+    backend: str = "auto"  # how the artifact runs: auto (what it is), torch, onnxruntime, tensorrt, vllm, triton, infinity
+    url: str | None = None  # a running server of a served backend (vllm: http://HOST:PORT/v1); None: started for the run
     vllm_pooling: str | None = None  # a vLLM server started here: token_embed (default; single + multi) or embed
     max_queries: int | None = 200
     max_docs: int | None = 1000
@@ -68,15 +69,24 @@ class ValidateSettings:
                 raise SettingsError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
 
     def load_artifact(self) -> rt.Encoder:
-        """The artifact's encoder on the asked backend; a vLLM server started here runs token_embed unless multi-vectors are off."""
-        if self.backend != "vllm":
-            if self.url is not None or self.vllm_pooling is not None:
-                raise SettingsError("--url and --vllm-pooling are for --backend vllm")
-            return rt.load(self.artifact, backend=self.backend, provider=self.provider)
-        pooling = self.vllm_pooling
-        if pooling is None and self.url is None:
-            pooling = "token_embed" if self.multivector else "embed"
-        return rt.load(self.artifact, backend="vllm", url=self.url, vllm_pooling=pooling)
+        """The artifact's encoder on the asked backend.
+
+        A served backend (vllm, triton, infinity) uses ``url`` or starts its
+        server for this run; a vLLM server started here runs token_embed
+        (single and multi-vectors) unless multi-vectors are off.
+        """
+        if self.backend not in SERVED_BACKENDS and self.url is not None:
+            raise SettingsError(f"--url is for a served backend ({', '.join(SERVED_BACKENDS)}), not --backend {self.backend}")
+        if self.backend != "vllm" and self.vllm_pooling is not None:
+            raise SettingsError("--vllm-pooling is for --backend vllm")
+        if self.backend == "vllm":
+            pooling = self.vllm_pooling
+            if pooling is None and self.url is None:
+                pooling = "token_embed" if self.multivector else "embed"
+            return rt.load(self.artifact, backend="vllm", url=self.url, vllm_pooling=pooling)
+        if self.backend in SERVED_BACKENDS:
+            return rt.load(self.artifact, backend=self.backend, url=self.url)
+        return rt.load(self.artifact, backend=self.backend, provider=self.provider)
 
     def sources(self) -> tuple[str | None, ...]:
         """What the run reads: the report may not be, hold or sit inside any of them."""

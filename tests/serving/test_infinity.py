@@ -26,7 +26,7 @@ from jev4.runtime.server_process import ServingError, free_port
 INFINITY_PYTHON = Path(__file__).resolve().parents[2] / DEFAULT_INFINITY_PYTHON
 pytestmark = [
     pytest.mark.serving,
-    pytest.mark.skipif(not INFINITY_PYTHON.is_file(), reason=f"no infinity-emb environment at {INFINITY_PYTHON}: make infinity-env builds it"),
+    pytest.mark.skipif(not (INFINITY_PYTHON.parents[1] / ".installed").is_file(), reason=f"no complete infinity-emb environment at {INFINITY_PYTHON.parents[1]} (make infinity-env builds it; make test tries to)"),
 ]
 TEXTS = ["what is a llama?", "def add(a, b):\n    return a + b", "Ein kurzer Satz.", "x"]
 

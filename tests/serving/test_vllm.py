@@ -6,6 +6,7 @@ with the reason, where the vLLM environment has not been built.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import jev4.runtime as rt
+from jev4.cli.main import main
 from jev4.errors import EncodeError
 from jev4.export.merge import MergeSettings, merge_checkpoint
 from jev4.model.tiny import TINY_HEAD_DIM_32, write_tiny_checkpoint
@@ -22,7 +24,7 @@ from jev4.runtime.vllm_backend import DEFAULT_VLLM_PYTHON, ServingError, VllmEnc
 VLLM_PYTHON = Path(__file__).resolve().parents[2] / DEFAULT_VLLM_PYTHON
 pytestmark = [
     pytest.mark.serving,
-    pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason=f"no vLLM environment at {VLLM_PYTHON}: make vllm-env builds it"),
+    pytest.mark.skipif(not (VLLM_PYTHON.parents[1] / ".installed").is_file(), reason=f"no complete vLLM environment at {VLLM_PYTHON.parents[1]} (make vllm-env builds it; make test tries to)"),
 ]
 TEXTS = ["what is a llama?", "def add(a, b):\n    return a + b", "Ein kurzer Satz.", "x"]
 
@@ -68,15 +70,56 @@ def test_a_running_server_by_url(served, export):
 
 
 def test_what_vllm_does_not_serve_is_refused(served):
-    with pytest.raises(EncodeError, match="token_embed pooler"):
+    assert served.pooling == "embed" and not served.supports_multivector and not served.supports_images
+    with pytest.raises(EncodeError, match="multi-vectors need a vLLM server started with --pooler-config .*token_embed.*this server runs the embed pooler"):
         served.encode_text(TEXTS, task="retrieval", return_multivector=True)
     with pytest.raises(EncodeError, match="no vision tower"):
         served.encode_image(["page.png"], task="retrieval")
 
 
+def test_validate_a_running_embed_server_by_url(served, checkpoint, export, tmp_path):
+    """jev4 validate judges what /v1/embeddings serves; the report names the engine and what it could not measure."""
+    code = main(["validate", "--reference", str(checkpoint), "--adapter", "retrieval", "--artifact", str(export), "--backend", "vllm", "--url", served.url,
+                 "--max-queries", "20", "--max-docs", "60", "--out", str(tmp_path / "report"), "--no-progress"])  # fmt: skip
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert code == 0 and report["passed"]
+    assert report["environment"]["engine"] == f"vLLM 0.32.0 (embed pooling, {served.url})"
+    assert report["parity"]["single_cosine_min"]["128"] >= 0.99999
+    assert report["parity"]["multi_token_cosine_min"] is None
+    assert any(gap.startswith("multi-vectors:") for gap in report["settings"]["not_measured"])
+    assert not any("multi-vector per-token" in check["name"] for check in report["checks"])
+
+
+def test_validate_starts_a_token_embed_server(checkpoint, export, tmp_path):
+    """The acceptance command: jev4 validate --backend vllm starts vLLM (token_embed), judges single AND multi-vectors, stops it."""
+    code = main(["validate", "--reference", str(checkpoint), "--adapter", "retrieval", "--artifact", str(export), "--backend", "vllm",
+                 "--max-queries", "20", "--max-docs", "60", "--out", str(tmp_path / "report"), "--no-progress"])  # fmt: skip
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert code == 0 and report["passed"]
+    assert report["environment"]["engine"].startswith("vLLM 0.32.0 (token_embed pooling, http://127.0.0.1:")
+    assert report["parity"]["multi_token_cosine_min"] >= 0.99999
+    assert min(report["parity"]["single_cosine_min"].values()) >= 0.99999
+    assert report["settings"]["not_measured"] == ["images: " + report["environment"]["engine"] + " serves text only (no vision tower)"]
+    assert {r["scoring"] for r in report["retrieval"]} >= {"single", "multi"}
+    assert not _token_embed_servers_of(export)  # the server validate started is stopped after the run
+
+
+def _token_embed_servers_of(export: Path) -> list[str]:
+    """Pids of running vLLM token_embed servers on ``export`` (the module's embed server has no --pooler-config)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"vllm.entrypoints.openai.api_server" in args and str(export).encode() in args and b"--pooler-config" in args:
+            found.append(cmdline.parent.name)
+    return found
+
+
 def test_nothing_listening(export):
     client = rt.load(export, backend="vllm", url="http://127.0.0.1:9/v1")
-    with pytest.raises(ServingError, match=r"http://127.0.0.1:9/v1/embeddings: no answer from the vLLM server"):
+    with pytest.raises(ServingError, match=r"http://127.0.0.1:9/pooling: no answer from the vLLM server"):
         client.encode_text(["x"], task="retrieval")
 
 
