@@ -192,7 +192,13 @@ class TritonEncoder(Encoder):
         return self._supports_images
 
     def engine(self) -> str:
-        return f"Triton Inference Server (PyTriton) model {self.model!r} at {self.url}"
+        """``Triton Inference Server <version>``, the version the server's metadata reports, with model and URL, for reports."""
+        try:
+            metadata = self.client.get_server_metadata(**({"client_timeout": self.timeout} if self.protocol == "grpc" else {}))
+        except Exception as exc:  # noqa: BLE001  (tritonclient raises plain exceptions)
+            raise ServingError(f"{self.url}: no server metadata ({_server_message(exc)})") from None
+        version = metadata.version if self.protocol == "grpc" else metadata.get("version", "?")
+        return f"Triton Inference Server {version} (model {self.model!r}, {self.protocol}, {self.url})"
 
     # ------------------------------------------------------------------ transport
 

@@ -142,6 +142,21 @@ def _wait_until_in_flight(url: str, timeout: float) -> bool:
     return False
 
 
+def test_validate_by_url(served, checkpoint, export, tmp_path):
+    """jev4 validate --backend infinity --url judges the running server; the report names infinity-emb and its version."""
+    from jev4.cli.main import main
+
+    out = tmp_path / "report"
+    code = main(["validate", "--reference", str(checkpoint), "--adapter", "retrieval", "--artifact", str(export), "--backend", "infinity", "--url", served.url,
+                 "--max-queries", "20", "--max-docs", "60", "--out", str(out), "--no-progress"])  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert code == 0 and report["passed"], report["failures"]
+    assert report["environment"]["engine"] == f"infinity-emb 0.0.78 at {served.url}"
+    assert [gap.split(":")[0] for gap in report["settings"]["not_measured"]] == ["images", "multi-vectors"]
+    assert report["parity"]["multi_token_cosine_min"] is None
+    assert min(report["parity"]["single_cosine_min"].values()) >= 0.9999  # fp32 threshold; infinity strips trailing whitespace, so not 1 - 1e-13
+
+
 def test_server_killed_mid_request(served):
     """Runs last: the server dies while a request is in flight; the client gets an error naming the URL, not a hang."""
     result: dict = {}

@@ -8,6 +8,7 @@ environment has not been built.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -132,6 +133,21 @@ def test_what_a_plain_tritonclient_sends(served, reference, protocol):
     assert float(np.abs(multi[-1, lengths[-1] :]).max(initial=0.0)) == 0.0  # padding is zeros
     with pytest.raises(Exception, match="unknown task"):
         client.infer("jev4", [text], parameters={"task": "nope"})
+
+
+def test_validate_by_url(served, checkpoint, artifact, tmp_path):
+    """jev4 validate --backend triton --url judges the running server (images and multi-vectors included); the report names Triton and its version."""
+    from jev4.cli.main import main
+
+    out = tmp_path / "report"
+    code = main(["validate", "--reference", str(checkpoint), "--adapter", "retrieval", "--artifact", str(artifact), "--backend", "triton", "--url", served.url,
+                 "--max-queries", "20", "--max-docs", "60", "--out", str(out), "--no-progress"])  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert code == 0 and report["passed"], report["failures"]
+    assert report["environment"]["engine"] == f"Triton Inference Server 2.51.0 (model 'jev4', http, {served.url})"
+    assert report["settings"]["not_measured"] == []
+    assert report["parity"]["multi_token_cosine_min"] >= 0.99999 and min(report["parity"]["single_cosine_min"].values()) >= 0.99999
+    assert any(row["kind"] == "image" for row in report["parity"]["per_input"])
 
 
 def test_refused_before_any_request(served):
