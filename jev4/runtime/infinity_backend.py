@@ -152,6 +152,7 @@ class InfinityEncoder(Encoder):
         self.url = url.rstrip("/")
         self.model = model
         self.timeout = timeout
+        self._whitespace_warned = False
         self.server = server  # the server this encoder started (load(..., backend="infinity")); stopped by close()
         self._version: str | None = None
         if server is not None:
@@ -209,10 +210,13 @@ class InfinityEncoder(Encoder):
         ]
         stripped = [i for i, text in enumerate(texts) if text != text.strip()]
         if stripped:
-            log.warning(
+            level = logging.DEBUG if self._whitespace_warned else logging.WARNING  # once per encoder, not once per batch
+            self._whitespace_warned = True
+            log.log(
+                level,
                 "%s: infinity-emb strips leading/trailing whitespace from its inputs; %d text(s) of this batch are embedded "
-                "without it (first: %r), so they differ from other backends",
-                self.url, len(stripped), texts[stripped[0]][:SHORT_TEXT],
+                "without it (first: %r), so they differ from other backends%s",
+                self.url, len(stripped), texts[stripped[0]][:SHORT_TEXT], "" if level == logging.DEBUG else " (further batches: logged at DEBUG)",
             )  # fmt: skip
         return texts
 

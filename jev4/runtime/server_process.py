@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -95,18 +96,47 @@ class ServerProcess:
         raise ServingError(f"{self.name} did not become ready at {self.health_url} within {self.startup_timeout:.0f} s")
 
     def stop(self) -> None:
-        """Terminate the server and whatever it spawned (its process group); kill after 30 s."""
-        if self.process is None or self.process.poll() is not None:
+        """Terminate the server and everything it spawned (its process group); kill what is left after 30 s.
+
+        The group is swept even when the server itself is already gone: an
+        engine's workers (vLLM's engine core) outlive a killed server otherwise.
+        """
+        if self.process is None:
             return
+        group = self.process.pid  # start_new_session: the server leads its own group
+        if self.process.poll() is None:
+            _signal_group(group, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                _signal_group(group, signal.SIGKILL)
+                self.process.wait()
+        deadline = time.monotonic() + 10
+        while _live_members(group) and time.monotonic() < deadline:
+            _signal_group(group, signal.SIGTERM)
+            time.sleep(0.2)
+        if _live_members(group):
+            _signal_group(group, signal.SIGKILL)
+
+
+def _signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _live_members(group: int) -> list[int]:
+    """Pids of the process group that still run (zombies do not count: they hold nothing)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            os.killpg(self.process.pid, 15)
-        except ProcessLookupError:
-            return
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, 9)
-            self.process.wait()
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, ...
+            members.append(int(stat.parent.name))
+    return members
 
 
 def post_json(url: str, body: dict, timeout: float, engine: str) -> dict:
