@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep modules matching this fnmatch pattern in float (repeatable); '!PATTERN' drops a default exclusion, e.g. '!model.visual.*'",
     )
     quant.add_argument("--weight-granularity", choices=["per-channel", "per-tensor"], help="weight scales (default: per-tensor for fp8, per-channel for int8)")
+    edge = parser.add_argument_group("CPU edge ONNX (jev4.export.onnx_edge, docs/edge.md)")
+    edge.add_argument("--weights", choices=["int4", "int8"], help="weight-only quantization by onnxruntime: int4 MatMulNBits (blocks of 32) or int8 quantize_dynamic; fp32 graph")
+    edge.add_argument("--fused", action="store_true", help="fused attention (GroupQueryAttention) and RMSNorm from onnxruntime-genai's builder; needs --text-only")
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.set_defaults(verbose=False, no_progress=False)
@@ -93,6 +96,23 @@ def _quant_recipe(args: argparse.Namespace):
     return make_recipe(precision, args.weight_granularity, args.quant_exclude)
 
 
+def _edge_settings(args: argparse.Namespace):
+    """``--weights`` / ``--fused`` (None without them); bad combinations fail here, before any model loads."""
+    if args.weights is None and not args.fused:
+        return None
+    flag = "--fused" if args.fused else f"--weights {args.weights}"
+    if args.fp8 or args.int8:
+        raise SettingsError(f"{flag} cannot be combined with --{'fp8' if args.fp8 else 'int8'} (Q/DQ for TensorRT); choose one")
+    if args.format not in (None, "onnx"):
+        raise SettingsError(f"{flag} writes an ONNX artifact; drop --format {args.format} (or use --format onnx)")
+    if args.fused and args.opset is not None:
+        raise SettingsError("--opset does not apply to --fused: onnxruntime-genai's builder sets the opset (recorded in the manifest)")
+    from jev4.export.onnx_edge import EdgeSettings
+    from jev4.export.onnx_weights import WeightQuantSettings
+
+    return EdgeSettings(fused=args.fused, weights=WeightQuantSettings(args.weights) if args.weights else None)
+
+
 def _onnx_settings(args: argparse.Namespace, default_opset: int):
     """The ONNX export settings from the command line (Q/DQ graphs default to opset 19, float ones to 18)."""
     from jev4.export.onnx import OnnxExportSettings
@@ -126,8 +146,12 @@ def _merge_settings(args: argparse.Namespace):
     )
 
 
-def _run_export(args: argparse.Namespace, recipe, settings, quant, output_codec) -> Path:
+def _run_export(args: argparse.Namespace, recipe, settings, quant, output_codec, edge=None) -> Path:
     progress = not args.no_progress
+    if edge is not None:
+        from jev4.export.onnx_edge import export_edge_onnx
+
+        return export_edge_onnx(settings, edge, progress=progress, output_codec=output_codec)
     if recipe is not None:
         from jev4.export.onnx_qdq import export_quantized_onnx
 
@@ -152,9 +176,13 @@ def export(args: argparse.Namespace) -> int:
     """Every option is checked first; OUT is claimed (checked and locked) for the whole run, calibration included."""
     from jev4.atomic import claim_output
 
+    edge = _edge_settings(args)
     recipe = _quant_recipe(args)
     quant = None
-    if recipe is not None:
+    if edge is not None:
+        settings = _onnx_settings(args, default_opset=18)
+        edge.check(settings)
+    elif recipe is not None:
         from jev4.export.onnx_qdq import QuantSettings
 
         quant = QuantSettings(recipe=recipe, calib_data=args.calib_data, calib_size=args.calib_size)
@@ -171,7 +199,7 @@ def export(args: argparse.Namespace) -> int:
     sources = (args.model, args.adapter_dir, args.calib_data, args.output_calib_data)
     with claim_output(args.out, args.force, sources):
         output_codec = _calibrate_output_codec(args, codec_settings)
-        out = _run_export(args, recipe, settings, quant, output_codec)
+        out = _run_export(args, recipe, settings, quant, output_codec, edge)
     log.info("artifact written: %s", out)
     print(out)
     return 0
