@@ -99,6 +99,7 @@ def test_fused_graph_has_fused_attention_and_norms(fused):
     assert [t["name"] for t in contents["graphs"]["language"]["inputs"]] == ["input_ids", "attention_mask", "position_ids", "pooling_mask"]
     assert manifest["settings"]["edge"] == {"fused": True, "weights": None}
     assert contents["validation"]["language_min_cosine"] >= 0.9999
+    assert rt.load(fused).engine().endswith("(cpu; fp32, fused attention)")
     assert not any(name.startswith(".edge-work") for name in manifest["files"])  # the builder's scratch is gone
 
 
@@ -130,6 +131,7 @@ def test_int4_graph_and_manifest(fused_int4):
     assert ops["GroupQueryAttention"] == LAYERS and "Softmax" not in ops
     contents = _manifest(fused_int4)["contents"]
     assert contents["precision"] == "w-int4"
+    assert rt.load(fused_int4).engine().endswith("(cpu; w-int4, fused attention)")
     weights = contents["weights"]
     assert (weights["precision"], weights["block_size"], weights["accuracy_level"], weights["symmetric"]) == ("int4", 32, 4, False)
     assert weights["quantized_op"] == "MatMulNBits" and weights["quantized_matmuls"] == 10
@@ -180,7 +182,7 @@ def test_validate_passes(name, request, tiny_dir, tmp_path):
     argv = ["validate", "--reference", str(tiny_dir), "--adapter", "retrieval", "--artifact", str(art), "--out", str(report)]
     assert jev4_main([*argv, "--max-queries", "10", "--max-docs", "40", "--max-length", "64", "--no-progress"]) == 0
     data = json.loads((report / "report.json").read_text())
-    assert data["passed"]
+    assert data["passed"], [c for c in data["checks"] if not c.get("passed", True)]
     assert data["precision"] == _manifest(art)["contents"]["precision"]
 
 
@@ -256,3 +258,18 @@ def test_builder_failure_is_one_line(tmp_path):
     with pytest.raises(FusedExportError, match=r"failed \(exit \d+\) on .*not-a-checkpoint"):
         run_builder(empty, tmp_path / "built", tmp_path / "work")
     assert not (tmp_path / "built" / "model.onnx").exists()
+
+
+@needs_builder
+def test_fused_graph_needs_less_attention_memory(fused, int8_cli, monkeypatch):
+    """The runtime's memory guard knows the fused graph keeps one score buffer, not jev4's MatMul-Softmax-MatMul's five."""
+    from jev4.errors import EncodeError
+    from jev4.runtime import onnxruntime_backend
+
+    # 1 x 512 tokens, 4 heads: unfused needs ~25 MB (6 x 4 x 512^2 x 4 B), fused ~6 MB.
+    monkeypatch.setattr(onnxruntime_backend, "available_memory", lambda: 12 * 2**20)
+    text = ["word " * 600]
+    got = rt.load(fused).encode_text(text, task="retrieval", max_length=512)
+    assert got.shape == (1, 64) and torch.isfinite(got).all()
+    with pytest.raises(EncodeError, match=r"a batch of 1 x 512 tokens needs about"):
+        rt.load(int8_cli).encode_text(text, task="retrieval", max_length=512)
