@@ -22,11 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. jinaai/jina-embeddings-v4)")
     parser.add_argument("--adapter", required=True, help="task adapter to merge: retrieval, text-matching or code")
     parser.add_argument("--adapter-dir", help="a different adapters/ directory (e.g. one tuned by jev4 qat)")
-    parser.add_argument("--format", choices=["hf", "onnx"], help="hf: merged safetensors checkpoint; onnx: language (+ vision) graphs (default: hf, or onnx with --fp8/--int8)")
+    parser.add_argument("--format", choices=["hf", "onnx", "gguf"], help="hf: merged safetensors checkpoint; onnx: language (+ vision) graphs; gguf: llama.cpp (default: hf, or onnx with --fp8/--int8)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (hf default: the source's; onnx default: fp32)")
     parser.add_argument("--opset", type=int, help="ONNX opset (onnx format; default 18, or 19 with --fp8/--int8)")
     parser.add_argument("--no-validate", action="store_true", help="skip the onnxruntime check right after an ONNX export")
     parser.add_argument("--text-only", action="store_true", help="drop the vision tower; write a standard Qwen2 + sentence-transformers checkpoint")
+    parser.add_argument("--gguf-type", metavar="TYPE", help="--format gguf: f32, f16 (default), q8_0 or q4_0 (jev4.export.gguf); --model may also be a --text-only export")
     out = parser.add_argument_group("output embeddings (jev4.quant.embeddings)")
     out.add_argument(
         "--output-precision",
@@ -130,6 +131,20 @@ def _onnx_settings(args: argparse.Namespace, default_opset: int):
     )
 
 
+def _gguf_settings(args: argparse.Namespace):
+    """``--format gguf`` (``--gguf-type`` alone is an error: it says nothing of the format); other formats' flags are refused."""
+    from jev4.export.gguf import GgufSettings
+
+    if args.format != "gguf":
+        raise SettingsError(f"--gguf-type applies to --format gguf only (got --format {args.format or 'hf'})")
+    given = [flag for flag, value in (("--dtype", args.dtype), ("--opset", args.opset), ("--no-validate", args.no_validate), ("--text-only", args.text_only)) if value]
+    if given:
+        raise SettingsError(f"{', '.join(given)}: not for --format gguf (the GGUF is text-only; its precision is --gguf-type)")
+    return GgufSettings(
+        model=args.model, adapter=args.adapter, out=args.out, gguf_type=args.gguf_type or "f16", adapter_dir=args.adapter_dir, force=args.force
+    )
+
+
 def _merge_settings(args: argparse.Namespace):
     from jev4.export.merge import MergeSettings
 
@@ -148,6 +163,10 @@ def _merge_settings(args: argparse.Namespace):
 
 def _run_export(args: argparse.Namespace, recipe, settings, quant, output_codec, edge=None) -> Path:
     progress = not args.no_progress
+    if args.format == "gguf":
+        from jev4.export.gguf import export_gguf
+
+        return export_gguf(settings, progress=progress, output_codec=output_codec)
     if edge is not None:
         from jev4.export.onnx_edge import export_edge_onnx
 
@@ -187,6 +206,8 @@ def export(args: argparse.Namespace) -> int:
 
         quant = QuantSettings(recipe=recipe, calib_data=args.calib_data, calib_size=args.calib_size)
         settings = _onnx_settings(args, default_opset=19)
+    elif args.format == "gguf" or args.gguf_type is not None:
+        settings = _gguf_settings(args)
     elif args.format == "onnx":
         settings = _onnx_settings(args, default_opset=18)
     else:
@@ -195,7 +216,12 @@ def export(args: argparse.Namespace) -> int:
     from jev4.model.checkpoint import resolve_model_dir
     from jev4.model.config import load_config
 
-    load_config(resolve_model_dir(args.model)).check_task(args.adapter)  # before the calibration loads the model
+    if args.format == "gguf":
+        from jev4.runtime import inspect
+
+        inspect(args.model).config.check_task(args.adapter)  # a checkpoint or a --text-only export
+    else:
+        load_config(resolve_model_dir(args.model)).check_task(args.adapter)  # before the calibration loads the model
     sources = (args.model, args.adapter_dir, args.calib_data, args.output_calib_data)
     with claim_output(args.out, args.force, sources):
         output_codec = _calibrate_output_codec(args, codec_settings)

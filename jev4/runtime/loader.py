@@ -6,7 +6,9 @@
 - a jev4 ONNX artifact (manifest kind ``onnx``): the onnxruntime backend, on
   the ``provider`` asked for (cpu, cuda, tensorrt);
 - an ONNX artifact with engines from ``jev4 build-engine``, with
-  ``backend="tensorrt"``: the TensorRT backend (``device``: a CUDA device).
+  ``backend="tensorrt"``: the TensorRT backend (``device``: a CUDA device);
+- a jev4 GGUF artifact (manifest kind ``gguf``): llama.cpp
+  (``jev4.runtime.llamacpp_backend``), also as ``backend="llamacpp"``.
 
 A jev4 artifact's files are checked against its manifest checksums before
 use; one whose manifest is gone is refused, since nothing then says whether
@@ -24,6 +26,7 @@ from typing import Any
 
 from jev4.atomic import check_not_temp_dir
 from jev4.errors import Jev4Error, ManifestError, ProviderError
+from jev4.export.gguf import GGUF_KIND
 from jev4.export.manifest import MANIFEST_NAME, read_manifest, verify_manifest
 from jev4.model.checkpoint import resolve_model_dir
 from jev4.model.config import CONFIG_NAME, MERGED_TASK_KEY, JinaV4Config, load_config
@@ -33,7 +36,7 @@ from jev4.runtime.text_only import is_text_only, read_text_only_config
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "vllm", "infinity", "triton")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "vllm", "infinity", "triton", "llamacpp")
 TEXT_ONLY_KIND = "merged-text-only"
 
 
@@ -73,6 +76,10 @@ def inspect(path: str | Path) -> ArtifactInfo:
         if MERGED_TASK_KEY in raw:
             raise ManifestError(f"{root}: looks like a jev4 export whose {MANIFEST_NAME} is missing; re-export it (without the manifest its files cannot be checked)")
     kind = manifest["kind"] if manifest else "checkpoint"
+    if kind == GGUF_KIND:
+        from jev4.runtime.llamacpp_backend import gguf_artifact_config
+
+        return ArtifactInfo(root, kind, gguf_artifact_config(root, manifest), manifest)
     config = read_text_only_config(root) if is_text_only(raw) else load_config(root)
     return ArtifactInfo(root, kind, config, manifest)
 
@@ -128,7 +135,7 @@ def load(
     info = inspect(path)
     root, manifest, kind = info.root, info.manifest, info.kind
     if backend == "auto":
-        backend = "onnxruntime" if kind == "onnx" else "torch"
+        backend = {"onnx": "onnxruntime", GGUF_KIND: "llamacpp"}.get(kind, "torch")
     if manifest is not None and verify:
         verify_manifest(root)
     if backend == "infinity":
@@ -137,6 +144,12 @@ def load(
         return _vllm_encoder(info, url, vllm_python, vllm_pooling)
     if backend == "triton":
         return _triton_encoder(info, url, triton_protocol, triton_python)
+    if (backend == "llamacpp") != (kind == GGUF_KIND):
+        raise ManifestError(f"{root}: is a {kind}; backend {backend!r} " + ("runs a GGUF artifact only (jev4-export --format gguf)" if backend == "llamacpp" else "cannot run it: use backend='llamacpp'"))
+    if backend == "llamacpp":
+        from jev4.runtime.llamacpp_backend import LlamaCppEncoder
+
+        return _with_output_codec(LlamaCppEncoder.open(root, manifest, info.config), root)
     if backend == "torch":
         _check_device(device)
         if kind == "onnx":

@@ -183,6 +183,56 @@ _DEFAULTS = {
         recall_drop_max=0.04,
         sts_drop_max=0.04,
     ),
+    # GGUF artifacts run by llama.cpp (jev4-export --format gguf, jev4.runtime.llamacpp_backend): jev4 feeds
+    # token ids and pools llama.cpp's per-token states. Measured with jev4 validate on the tiny checkpoint
+    # (probe set min over dims 8-64; stdlib-code, 100 queries x 300 docs), llama-cpp-python 0.3.36 on CPU.
+    # gguf-f32: the reference's weights, llama.cpp's kernels (f16 KV cache, flash attention): pooled min
+    # 0.99999983, per token 0.999999; the fp32 bounds hold with room.
+    "gguf-f32": Thresholds(),
+    # gguf-f16: F16 matrices, norms and biases F32. Tiny: pooled min 0.9999997, per token 0.9999987 (its
+    # bf16 weights survive f16 nearly exactly); the 36-layer model rounds merged weights in all layers, so
+    # fp16's bounds.
+    "gguf-f16": Thresholds(
+        single_cosine_min=0.999,
+        single_cosine_mean=0.9999,
+        multi_token_cosine_min=0.995,
+        maxsim_pearson_min=0.998,
+        topk_overlap_min=0.9,
+        score_spearman_min=0.998,
+        ndcg_drop_max=0.005,
+        recall_drop_max=0.005,
+        sts_drop_max=0.005,
+    ),
+    # gguf-q8_0: 8-bit blocks of 32 with an f16 scale (rounding ~0.4% of a block's max). Tiny: pooled
+    # min 0.99977 (mean 0.99992), per token 0.99971, MaxSim Pearson 0.99999, score Spearman 0.9997, nDCG@10
+    # drop <= 0.003. Published Q8_0 LLM perplexity is within ~0.1% of f16: fp16-like bounds, 0.01 quality.
+    "gguf-q8_0": Thresholds(
+        single_cosine_min=0.999,
+        single_cosine_mean=0.9995,
+        multi_token_cosine_min=0.995,
+        maxsim_pearson_min=0.995,
+        topk_overlap_min=0.9,
+        score_spearman_min=0.995,
+        ndcg_drop_max=0.01,
+        recall_drop_max=0.01,
+        sts_drop_max=0.01,
+    ),
+    # gguf-q4_0: 4-bit blocks of 32 (16 levels, one scale, no zero point), token embedding Q8_0. Tiny:
+    # pooled min 0.949 (at dim 8; 0.961 at 64), mean 0.982, per token 0.954, MaxSim Pearson 0.9968, top-10
+    # overlap 0.975, score Spearman 0.980, nDCG@10 drop 0.004, Recall@100 drop 0.04 (4 of 100 queries, on a
+    # near-chance random model). Q4_0 is llama.cpp's coarsest legacy type (published: +2-3% perplexity on
+    # 7B LLMs, more on small ones), so the bounds sit just under what was measured, with 0.05 for quality.
+    "gguf-q4_0": Thresholds(
+        single_cosine_min=0.93,
+        single_cosine_mean=0.97,
+        multi_token_cosine_min=0.93,
+        maxsim_pearson_min=0.98,
+        topk_overlap_min=0.7,
+        score_spearman_min=0.96,
+        ndcg_drop_max=0.05,
+        recall_drop_max=0.05,
+        sts_drop_max=0.05,
+    ),
     # Embedding-output codecs: the model runs in full precision and only its
     # output vectors are quantized, so parity compares decoded vectors with the
     # reference's. What matters is retrieval retention.

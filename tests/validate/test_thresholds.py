@@ -10,7 +10,7 @@ from jev4.errors import Jev4Error
 from jev4.validate.results import ParityResult, RetrievalResult, STSResult
 from jev4.validate.thresholds import DEFAULTS, ThresholdError, Thresholds, evaluate, load_thresholds
 
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "w-int8", "w-int4", "emb-int8", "emb-int4", "emb-ternary", "emb-binary")
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "w-int8", "w-int4", "gguf-f32", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "emb-int8", "emb-int4", "emb-ternary", "emb-binary")
 
 
 def parity(dim128_min: float = 0.9999999, **overrides) -> ParityResult:
