@@ -146,6 +146,15 @@ def _qat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_edge(args: argparse.Namespace) -> int:
+    from jev4.bench.edge import FORMATS, EdgeBenchSettings, edge_table, run_edge_bench
+
+    formats = tuple(args.formats.split(",")) if args.formats else tuple(FORMATS)
+    summary = run_edge_bench(EdgeBenchSettings(workdir=args.workdir, out=args.out, size=args.size, formats=formats, repeats=args.repeats, keep=not args.no_keep, force=args.force))
+    print(edge_table(summary), end="")
+    return 0
+
+
 def _bench_serving(args: argparse.Namespace) -> int:
     from jev4.bench.serving import ENGINES, ServingBenchSettings, markdown, run_serving_bench
 
@@ -428,6 +437,15 @@ def build_parser() -> argparse.ArgumentParser:
     fast.add_argument("--out", default="gpu-results/fast-path", help="directory for fast-path.json/.md/.png")
     fast.add_argument("--force", action="store_true", help="replace --out if it exists")
     fast.set_defaults(handler=_bench_fast_path)
+    edge = bench_sub.add_parser("edge", parents=[common], help="CPU edge formats (torch, ONNX fp32/fused/int8/int4, GGUF) of one random-weight checkpoint: size, RSS, tokens/s, parity (docs/edge.md)")
+    edge.add_argument("--workdir", default=".bench/edge", help="source checkpoint and artifacts (tens of GB at full size)")
+    edge.add_argument("--out", default="bench-results/edge", help="directory for edge.json/.md/.png")
+    edge.add_argument("--size", choices=["full", "tiny"], default="full", help="full: the real architecture with random weights; tiny: to try the harness")
+    edge.add_argument("--formats", help="comma-separated (default: all); torch-fp32 is always the baseline")
+    edge.add_argument("--repeats", type=int, default=2)
+    edge.add_argument("--no-keep", action="store_true", help="delete each artifact after it is measured")
+    edge.add_argument("--force", action="store_true")
+    edge.set_defaults(handler=_bench_edge)
     serving = bench_sub.add_parser("serving", parents=[common], help="one --text-only export through torch, vLLM, Triton and infinity-emb: start time, latency, throughput (docs/serving.md)")
     serving.add_argument("export", help="a --text-only export (jev4-export --text-only)")
     serving.add_argument("--engines", help="comma-separated, from torch,vllm-embed,vllm-token_embed,triton-http,triton-grpc,infinity (default: all)")
