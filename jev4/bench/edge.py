@@ -174,6 +174,7 @@ def run_edge_bench(settings: EdgeBenchSettings) -> dict:
             if not settings.keep and name != BASELINE:
                 shutil.rmtree(artifact, ignore_errors=True)
             log.info("%s: %s", name, result)
+            (work / "edge-partial.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")  # a long run's results so far
         summary = {"settings": asdict(settings), "machine": machine_summary(), "source_bytes": _dir_bytes(source), "formats": [asdict(r) for r in results]}
         with atomic_output_dir(settings.out, force=settings.force) as tmp:
             (tmp / "edge.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -117,6 +117,9 @@ class ServerProcess:
             time.sleep(0.2)
         if _live_members(group):
             _signal_group(group, signal.SIGKILL)
+            deadline = time.monotonic() + 5  # SIGKILL is not instant: return once they are gone
+            while _live_members(group) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 def _signal_group(group: int, signum: int) -> None:
