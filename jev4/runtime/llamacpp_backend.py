@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,11 @@ def gguf_artifact_config(root: Path, manifest: dict[str, Any]) -> JinaV4Config:
 
 @dataclass(frozen=True)
 class LlamaCppSettings:
-    """How llama.cpp runs the GGUF. ``threads`` None: llama.cpp's default (the machine's cores)."""
+    """How llama.cpp runs the GGUF. ``threads`` None: the CPUs this process may use.
+
+    Not llama.cpp's own default (GGML_DEFAULT_N_THREADS, 4 whatever the
+    machine): on fewer cores its spinning threads oversubscribe them.
+    """
 
     threads: int | None = None
     min_context: int = 512
@@ -157,8 +162,7 @@ class LlamaCppModel:
         params.n_seq_max = 1
         params.embeddings = True
         params.pooling_type = self.llama_cpp.LLAMA_POOLING_TYPE_NONE
-        if self.settings.threads is not None:
-            params.n_threads = params.n_threads_batch = self.settings.threads
+        params.n_threads = params.n_threads_batch = self.settings.threads or len(os.sched_getaffinity(0))
         ctx = self.llama_cpp.llama_init_from_model(self.model, params)
         if not ctx:
             raise EncodeError(f"{self.path}: llama.cpp could not create a context of {size} tokens (out of memory?)")
