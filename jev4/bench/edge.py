@@ -123,7 +123,8 @@ def _export(fmt: EdgeFormat, source: Path, work: Path, result: FormatResult) -> 
         step = measure_child(command)
         result.export_s, result.export_peak_rss_gib = step.seconds, step.peak_rss_gib
         if step.returncode:
-            result.error = f"export failed (exit {step.returncode}): {' '.join(command[3:])}"
+            killed = ", killed: out of memory?" if step.returncode in (-9, 137) else ""
+            result.error = f"export failed (exit {step.returncode}{killed}, peak RSS {step.peak_rss_gib:.1f} GiB): {' '.join(command[3:])}"
             return None
     result.artifact_bytes = _dir_bytes(artifact)
     return artifact
@@ -163,15 +164,13 @@ def run_edge_bench(settings: EdgeBenchSettings) -> dict:
             fmt, result = FORMATS[name], FormatResult(name)
             results.append(result)
             artifact = _export(fmt, source, work, result)
-            if artifact is None:
-                continue
-            vectors = _measure(fmt, artifact, settings, work, result)
+            vectors = None if artifact is None else _measure(fmt, artifact, settings, work, result)
             if name == BASELINE:
                 baseline_vectors = vectors
             elif vectors is not None and baseline_vectors is not None:
                 cos = _cosines(vectors, baseline_vectors)
                 result.single_cosine_min, result.single_cosine_mean = float(cos.min()), float(cos.mean())
-            if not settings.keep and name != BASELINE:
+            if artifact is not None and not settings.keep and name != BASELINE:
                 shutil.rmtree(artifact, ignore_errors=True)
             log.info("%s: %s", name, result)
             (work / "edge-partial.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")  # a long run's results so far
@@ -191,7 +190,8 @@ def edge_table(summary: dict) -> str:
     rows = [header, "|---|---:|---:|" + "---:|" * len(shapes) + "---:|---:|"]
     for f in summary["formats"]:
         if f["error"]:
-            rows.append(f"| {f['name']} | {_gb(f['artifact_bytes'])} | | " + " | " * len(shapes) + f"{f['error']} | |")
+            export = f"{f['export_s']:.0f} / {f['export_peak_rss_gib']:.1f}" if f["export_s"] is not None else ""
+            rows.append(f"| {f['name']} | {_gb(f['artifact_bytes'])} | | " + " | " * len(shapes) + f"{f['error']} | {export} |")
             continue
         speeds = []
         for s in shapes:
