@@ -26,7 +26,6 @@ import json
 import logging
 import urllib.error
 import urllib.request
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from jev4.errors import EncodeError, SettingsError
 from jev4.model.config import JinaV4Config
 from jev4.model.encoder import SHORT_TEXT, Encoder
 from jev4.model.preprocess import ModelInputs, Preprocessor
-from jev4.runtime.server_process import ServerProcess, ServingError, engine_python, free_port, post_json
+from jev4.runtime.server_process import ServerOwner, ServerProcess, ServingError, engine_python, free_port, post_json
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ class InfinityServer(ServerProcess):
             raise ServingError(f"{models}: serves {served}, not {SERVED_NAME!r}; another server holds port {self.port}?")
 
 
-class InfinityEncoder(Encoder):
+class InfinityEncoder(ServerOwner, Encoder):
     """``encode_text`` through an infinity-emb server's ``/embeddings`` (single vectors); jev4 applies the prompts."""
 
     def __init__(
@@ -153,10 +152,8 @@ class InfinityEncoder(Encoder):
         self.model = model
         self.timeout = timeout
         self._whitespace_warned = False
-        self.server = server  # the server this encoder started (load(..., backend="infinity")); stopped by close()
         self._version: str | None = None
-        if server is not None:
-            weakref.finalize(self, server.stop)  # a safety net: close() or `with` is the way
+        self.own_server(server)  # the server this encoder started (load(..., backend=...)); stopped by close()
 
     @property
     def supports_images(self) -> bool:
@@ -175,17 +172,6 @@ class InfinityEncoder(Encoder):
             except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
                 return f"{ENGINE} (version unknown) at {self.url}"
         return f"{ENGINE} {self._version} at {self.url}"
-
-    def __enter__(self) -> InfinityEncoder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop the server this encoder started (a server given by url is left running)."""
-        if self.server is not None:
-            self.server.stop()
 
     def encode_text(self, texts, *args, return_multivector: bool = False, **kwargs):
         if return_multivector:

@@ -18,6 +18,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections import deque
 from pathlib import Path
 from threading import Thread
@@ -47,6 +48,30 @@ def engine_python(venv: str | Path, variable: str) -> str:
         if (base / relative).is_file():
             return str(base / relative)
     return str(relative)
+
+
+class ServerOwner:
+    """For an encoder over a server: ``close()`` (or leaving ``with``) stops the server the encoder started.
+
+    A server given by URL is someone else's and is left running.
+    """
+
+    server = None
+
+    def own_server(self, server) -> None:
+        self.server = server
+        if server is not None:
+            weakref.finalize(self, server.stop)  # a safety net: close() or `with` is the way
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
 
 
 class ServerProcess:

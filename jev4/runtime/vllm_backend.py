@@ -26,7 +26,6 @@ import json
 import logging
 import urllib.error
 import urllib.request
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from jev4.model.config import JinaV4Config
 from jev4.model.encoder import Encoder
 from jev4.model.pooling import multi_vector, single_vector
 from jev4.model.preprocess import ModelInputs, Preprocessor
-from jev4.runtime.server_process import ServerProcess, ServingError, engine_python, free_port, post_json
+from jev4.runtime.server_process import ServerOwner, ServerProcess, ServingError, engine_python, free_port, post_json
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ class VllmServer(ServerProcess):
         return self
 
 
-class VllmEncoder(Encoder):
+class VllmEncoder(ServerOwner, Encoder):
     """``encode_text`` through a vLLM server: ``/v1/embeddings`` (embed) or ``/pooling`` (token_embed, + multi-vectors).
 
     ``pooling=None`` asks the server which task it runs (one token through
@@ -134,21 +133,8 @@ class VllmEncoder(Encoder):
         self.model = model
         self.timeout = timeout
         self.projector = projector
-        self.server = server  # the server this encoder started (load(..., backend="vllm")); stopped by close()
         self._pooling = None if pooling is None else check_pooling(pooling)
-        if server is not None:
-            weakref.finalize(self, server.stop)  # a safety net: close() or `with` is the way
-
-    def __enter__(self) -> VllmEncoder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop the server this encoder started (a server given by url is left running)."""
-        if self.server is not None:
-            self.server.stop()
+        self.own_server(server)  # the server this encoder started (load(..., backend=...)); stopped by close()
 
     @property
     def pooling(self) -> str:
