@@ -41,6 +41,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +52,7 @@ import torch
 from torch import nn
 
 from jev4.errors import Jev4Error, MissingDependencyError
+from jev4.export.onnx_files import adopt_external_data
 from jev4.model.pooling import multi_vector, single_vector
 
 log = logging.getLogger(__name__)
@@ -146,7 +148,7 @@ def graft(decoder_path: Path, heads_path: Path, out_path: Path) -> dict[str, int
     import onnx
     from onnx import TensorProto, compose, helper
 
-    model = onnx.load(str(decoder_path), load_external_data=True)
+    model = onnx.load(str(decoder_path), load_external_data=False)  # the weights are renamed, never loaded (12.4 GB at full size)
     graph = model.graph
     attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
     if not attention:
@@ -186,7 +188,8 @@ def graft(decoder_path: Path, heads_path: Path, out_path: Path) -> dict[str, int
     graph.input.extend(inputs)
     del graph.output[:]
     graph.output.extend(heads.graph.output)
-    onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True, location=out_path.name + ".data", size_threshold=1024)
+    adopt_external_data(model, decoder_path.parent, out_path)  # the heads' few small tensors stay inline
+    onnx.save_model(model, str(out_path))
     # No onnx.checker here: the builder writes SimplifiedLayerNormalization in the default domain, where only
     # onnxruntime registers it, so the checker refuses a graph onnxruntime runs. The export's CPU check loads it.
     return fused_op_counts(out_path)
@@ -208,12 +211,13 @@ def write_qwen2_for_builder(qwen2_dir: Path) -> None:
 
 
 def build_fused_language_graph(qwen2_dir: Path, projector: nn.Linear, hidden: int, out_dir: Path, work_dir: Path) -> tuple[Path, dict]:
-    """``out_dir/language.onnx`` from the text-only Qwen2 checkpoint at ``qwen2_dir`` (edited in place); returns (path, facts)."""
+    """``out_dir/language.onnx`` from the text-only Qwen2 checkpoint at ``qwen2_dir`` (consumed: removed once read); returns (path, facts)."""
     import onnx
 
     require_builder()
     write_qwen2_for_builder(qwen2_dir)
     decoder = run_builder(qwen2_dir, work_dir / "builder", work_dir)
+    shutil.rmtree(qwen2_dir)  # as big as the graph the builder just wrote; free the disk before the graph moves on
     opset = _main_opset(onnx.load(str(decoder), load_external_data=False))
     heads = work_dir / "heads.onnx"
     _export_heads(projector, hidden, heads, opset)

@@ -57,6 +57,7 @@ from jev4.atomic import atomic_output_dir, claim_output
 from jev4.errors import Jev4Error, SettingsError
 from jev4.export.manifest import Manifest, write_manifest
 from jev4.export.onnx import NUMPY_FLOAT, ExportValidationError, LanguageGraph, OnnxExportSettings, _copy_side_files, export_language_graph, require_onnx, validation_feeds
+from jev4.export.onnx_files import save_graph
 from jev4.quant.calibration import DEFAULT_CALIB_SIZE, DEFAULT_MAX_LENGTH, calibration_items, collect_input_absmax, make_forward_loop
 from jev4.quant.recipes import QuantRecipe
 from jev4.quant.weights import QuantPlan, build_plan, fake_quantized, select_linears, smooth
@@ -289,60 +290,6 @@ def insert_qdq(
     del graph.initializer[:]
     graph.initializer.extend(keep + new_inits)
     return sorted(targets)
-
-
-EXTERNAL_MIN_BYTES = 1024  # tensors this big or bigger go to the external data file
-
-
-def _set_external(tensor, location: str, offset: int, length: int) -> None:
-    from onnx import TensorProto
-
-    tensor.ClearField("raw_data")
-    del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    tensor.data_location = TensorProto.EXTERNAL
-
-
-def save_graph(model, path: Path, source_dir: Path) -> None:
-    """Write ``model`` to ``path`` with its tensors of >= 1 KiB in ``<path>.data``, one tensor at a time.
-
-    Tensors still stored externally (in the data file the graph was loaded
-    from, under ``source_dir``) are copied byte for byte; new tensors (the
-    quantized weights) are written from memory. The data file is written
-    beside the old one and replaces it at the end, so memory stays at one
-    tensor, whatever the model's size.
-    """
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    data = path.with_name(path.name + ".data")
-    partial = path.with_name(path.name + ".data.partial")
-    sources: dict[str, object] = {}
-    try:
-        with partial.open("wb") as out:
-            for tensor in model.graph.initializer:
-                if uses_external_data(tensor):
-                    info = ExternalDataInfo(tensor)
-                    if info.location not in sources:
-                        sources[info.location] = (source_dir / info.location).open("rb")
-                    handle = sources[info.location]
-                    handle.seek(info.offset or 0)
-                    blob = handle.read(info.length) if info.length else handle.read()
-                elif len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
-                    blob = tensor.raw_data
-                else:
-                    continue
-                offset = out.tell()
-                out.write(blob)
-                _set_external(tensor, data.name, offset, len(blob))
-    finally:
-        for handle in sources.values():
-            handle.close()
-    partial.replace(data)
-    onnx.save_model(model, str(path))
-    onnx.checker.check_model(str(path))
 
 
 def rewrite_graph(path: Path, plan: QuantPlan, graph_name: str, float_weights: Mapping[str, np.ndarray], float_dtype: str) -> list[str]:

@@ -27,10 +27,13 @@ on every multi-vector token; measured in ``docs/edge.md``). The projector
 is found by the module path the exporter records on every node
 (``pkg.torch.onnx.name_scopes``), so a renamed node cannot slip through.
 
-External data: both quantizers load the graph with its weights into memory
-and write it back with ``use_external_data_format``, so graphs over 2 GB
-(the full-size model: 3.09B parameters, 12.4 GB in fp32) keep working, at
-the cost of roughly 1.5x the float graph's size in RAM while quantizing.
+External data: both quantizers load the float graph with its weights into
+memory (the full-size model: 3.09B parameters, 12.4 GB in fp32) and write
+the quantized one with ``use_external_data_format``; jev4 then renames that
+graph and its data file into place without loading them again
+(:func:`jev4.export.onnx_files.move_graph`). Nothing else may hold the
+network while this runs: on a 24 GiB machine the float graph and a float
+network do not fit together.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from jev4.errors import Jev4Error, SettingsError
+from jev4.export.onnx_files import move_graph
 
 log = logging.getLogger(__name__)
 
@@ -156,19 +160,16 @@ def quantize_weights(path: Path, settings: WeightQuantSettings) -> dict:
     candidates = [name for name in _weight_matmuls(model) if name not in kept]
     if not candidates:
         raise WeightQuantError(f"{path.name}: no MatMul with a constant weight to quantize")
-    data = path.with_name(path.name + ".data")
     tmp = path.with_name(path.name + ".quantized")
     tmp_data = tmp.with_name(tmp.name + ".data")
     try:
         if settings.precision == "int4":
             _int4(model, kept, settings, tmp)
-        else:
-            del model  # quantize_dynamic reads the file itself
+        del model  # the float graph (12.4 GB at full size) must be gone before anything else loads; quantize_dynamic reads the file itself
+        if settings.precision == "int8":
             _int8(path, kept, settings, tmp)
-        # The quantizers name the data file after the file they write; move both into place, then point at the final name.
-        final = onnx.load(str(tmp), load_external_data=True)
-        data.unlink(missing_ok=True)
-        onnx.save_model(final, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+        # The quantizers name the data file after the file they write: rename both into place (no reload of the weights).
+        move_graph(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
         tmp_data.unlink(missing_ok=True)
