@@ -23,7 +23,9 @@ Why each piece exists (each failure was seen in practice):
 - **Debris from crashes is removed** (``kill -9``, a power cut, an OOM kill
   cannot run cleanup code): the next run to the same OUT, holding the lock,
   removes every temp dir of that OUT whose owner is gone, and logs it on one
-  line. ``jev4.runtime.load`` refuses a temp dir (``check_not_temp_dir``).
+  line; it also removes marked temp dirs of other outputs in the same
+  directory whose owner is gone (``remove_dead_siblings``), because one
+  killed full-size export can fill the disk for every run after it. ``jev4.runtime.load`` refuses a temp dir (``check_not_temp_dir``).
 """
 
 from __future__ import annotations
@@ -307,6 +309,36 @@ def remove_stale(target: Path) -> list[Path]:
             freed / 1e6,
             ", ".join(p.name for p in removed),
         )
+    return removed + remove_dead_siblings(target)
+
+
+def remove_dead_siblings(target: Path) -> list[Path]:
+    """Remove the temp dirs that dead jev4 runs left beside OUT for *other* outputs.
+
+    Why: an OOM-killed full-size export leaves a 24 GB temp dir, and the next
+    run in the same directory (a benchmark exporting format after format) then
+    fails for want of disk although nothing there is worth keeping. Only temp
+    dirs that carry jev4's owner marker, whose owner is provably gone (same
+    host, pid dead or reused), are removed; temp files, ``.old-*`` backups
+    (the restore path of their own OUT) and anything of another host stay.
+    A concurrent sweeper removing the same dir is harmless.
+    """
+    removed: list[Path] = []
+    own_prefix = f".{target.name}{_TEMP_TAG}"
+    for name in sorted(os.listdir(target.parent)):
+        if not name.startswith(".") or _TEMP_TAG not in name or name.startswith(own_prefix):
+            continue
+        entry = target.parent / name
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        owner = _read_owner(entry / TEMP_MARKER)
+        if owner is None or owner.alive():
+            continue
+        freed = _size(entry)
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+            log.warning("removed %s (%.1f MB): an unfinished output of a run that is gone (%s)", entry, freed / 1e6, owner.describe())
     return removed
 
 

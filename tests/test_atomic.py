@@ -119,3 +119,32 @@ def test_root_and_parent_file_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(OutputExistsError, match="is a file, not a directory"):
         atomic.check_output_path(tmp_path / "f" / "g" / "out", force=False)
+
+
+def test_dead_temp_dirs_of_other_outputs_are_swept_at_claim(tmp_path, caplog):
+    """A killed export's 24 GB temp dir must not starve the next export in the same directory of disk."""
+    import json
+    import socket
+
+    def marked(name, pid, host=None, started=None):
+        entry = tmp_path / name
+        entry.mkdir()
+        (entry / "language.onnx.data").write_bytes(b"x" * 2048)
+        owner = {"pid": pid, "started": started, "host": host or socket.gethostname(), "command": "jev4-export"}
+        (entry / TEMP_MARKER).write_text(json.dumps(owner))
+        return entry
+
+    dead = marked(".onnx-int4.tmp-999999-abcd", 999999)
+    reused = marked(".onnx-int8.tmp-1-abcd", 1, started="not-init's-start-time")  # pid 1 lives, but it is not the writer
+    live = marked(".onnx-fp32.tmp-1-ef01", 1, started=atomic._process_start(1))
+    elsewhere = marked(".gguf.tmp-999999-abcd", 999999, host="another-host")
+    unmarked = tmp_path / ".user-dir.tmp-999999-abcd"
+    unmarked.mkdir()
+    old_backup = tmp_path / ".onnx-fp16.old-999999-abcd"
+    old_backup.mkdir()
+    with caplog.at_level("WARNING", logger="jev4.atomic"):
+        with claim_output(tmp_path / "gguf-q4"):
+            pass
+    assert not dead.exists() and not reused.exists()
+    assert live.exists() and elsewhere.exists() and unmarked.exists() and old_backup.exists()
+    assert "onnx-int4.tmp-999999-abcd" in caplog.text and "run that is gone" in caplog.text
