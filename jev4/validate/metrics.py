@@ -40,6 +40,7 @@ __all__ = [
     "ndcg_at_k",
     "pearson",
     "rank_documents",
+    "ranking_metrics",
     "recall_at_k",
     "retrieval_metrics",
     "spearman",
@@ -195,10 +196,32 @@ def retrieval_metrics(scores: np.ndarray, qrels: Sequence[dict[int, float]], ks:
     than the number of documents ranks every document. If no query is judged,
     every value is nan.
     """
+    ks = _check_ks(ks)
+    scores = _check_scores(scores)
+    return ranking_metrics(rank_documents(scores, ks[-1]), qrels, scores.shape[1], ks)  # one ranking serves every k
+
+
+def _check_ks(ks: Sequence[int]) -> list[int]:
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive, got {ks}")
-    flat, gains, counts = _per_query(scores, qrels, ks[-1])  # one ranking serves every k
+    return ks
+
+
+def ranking_metrics(top: np.ndarray, qrels: Sequence[dict[int, float]], n_docs: int, ks: Sequence[int] = (10, 100)) -> dict[str, float]:
+    """:func:`retrieval_metrics` from a ranking already made: ``top`` [Q, >= min(max(ks), n_docs)] document indices, best first.
+
+    For corpora too big for a [Q, D] score matrix: the ranking is kept as a
+    running top-k over document chunks (``jev4.validate.streaming``), and the
+    metrics are the same functions of it.
+    """
+    ks = _check_ks(ks)
+    top = np.asarray(top, dtype=np.int64)
+    if top.ndim != 2 or top.shape[1] < min(ks[-1], n_docs):
+        raise ValueError(f"ranking of shape {top.shape} is too short for k={ks[-1]} over {n_docs} documents")
+    flat = _flat_qrels(qrels, (top.shape[0], n_docs))
+    gains = _gains_at_k(top[:, : ks[-1]], flat, n_docs)
+    counts = _relevant_counts(flat, top.shape[0])
     small = ks[0]
     out = {f"ndcg@{small}": _mean_judged(_ndcg(flat, gains[:, :small], counts, small))}
     for k in ks:
