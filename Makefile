@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,onnx,serving,edge]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,onnx,serving,edge,ray]"
 	touch $(STAMP)
 
 setup: $(STAMP)

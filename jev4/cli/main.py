@@ -35,6 +35,10 @@ def _encode(args: argparse.Namespace) -> int:
     Every argument is checked before the model loads; the file is written
     aside and published whole (jev4.atomic), exactly at ``--out``.
     """
+    from jev4.cli.encode_corpus import run_encode_corpus, wants_corpus
+
+    if wants_corpus(args):  # --corpus: a whole corpus into Parquet shards (jev4.encode), in-process or on Ray
+        return run_encode_corpus(args)
     import numpy as np
 
     import jev4.runtime as rt
@@ -282,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc = sub.add_parser("encode", parents=[common], help="embed texts and/or images with any artifact jev4.runtime.load opens; writes one .npz")
     enc.add_argument("--model", required=True, help="checkpoint, merged or text-only export, or ONNX artifact")
     enc.add_argument("--task", default="retrieval")
-    enc.add_argument("--prompt", choices=["query", "passage"], default="query")
+    enc.add_argument("--prompt", choices=["query", "passage"], help="default: query for --text/--image, passage for --corpus")
     enc.add_argument("--text", action="append", default=[])
     enc.add_argument("--image", action="append", default=[])
     enc.add_argument("--truncate-dim", type=int)
@@ -292,8 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="torch backend only")
     enc.add_argument("--device", default="cpu", help="torch backend: cpu or cuda[:N]")
     enc.add_argument("--provider", default="cpu", help="ONNX artifacts: onnxruntime provider cpu, cuda or tensorrt")
-    enc.add_argument("--out", required=True, help="output .npz, written exactly at this path")
-    enc.add_argument("--force", action="store_true", help="replace --out if it exists")
+    enc.add_argument("--out", required=True, help="output .npz, written exactly at this path; with --corpus, a directory of Parquet shards")
+    enc.add_argument("--force", action="store_true", help="replace --out if it exists; with --corpus, discard OUT's shards and start over")
+    corpus = enc.add_argument_group("a whole corpus (jev4.encode): Parquet shards in OUT, resumable")
+    corpus.add_argument("--corpus", help='JSONL of {"id": ..., "text": ...} per line, a Parquet file or a directory of them (columns id, text)')
+    corpus.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS", help="run on a Ray cluster through Ray Data (auto: the one Ray finds, else a local one)")
+    corpus.add_argument("--workers", type=int, help="--ray: encoder actors (default: one per GPU with --gpus-per-worker, else one per CPU)")
+    corpus.add_argument("--gpus-per-worker", type=float, help="--ray: GPUs per encoder actor (default 0)")
+    corpus.add_argument("--output-precision", choices=["float16", "int8", "uint8", "int4", "ternary", "binary", "ubinary"], help="store the artifact's codes instead of float32 vectors")
+    corpus.add_argument("--shard-size", type=int, help="records per shard file (default 10000, or 1000 with --multivector)")
     enc.set_defaults(handler=_encode)
 
     exp = sub.add_parser("export", help="same as jev4-export", add_help=False)

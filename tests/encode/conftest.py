@@ -1,0 +1,60 @@
+"""Fixtures of the corpus-encoding tests: the tiny ONNX artifact, the stdlib-code corpus as JSONL, one uninterrupted run."""
+
+import pytest
+
+pytest.importorskip("pyarrow", reason="corpus encoding writes Parquet: pip install 'jev4[ray]' (make test installs it)")
+
+CORPUS_DOCS = 400  # stdlib-code documents: 8 shards of 50, a few seconds per run with the tiny artifact
+SHARD_SIZE = 50
+MAX_LENGTH = 64
+
+
+@pytest.fixture(scope="session")
+def encode_artifact(tiny_dir, tmp_path_factory):
+    """The tiny checkpoint's retrieval adapter as an fp32 ONNX artifact (what jev4-export --format onnx writes)."""
+    from jev4.export.onnx import OnnxExportSettings, export_onnx
+
+    out = tmp_path_factory.mktemp("encode-onnx") / "onnx"
+    return export_onnx(OnnxExportSettings(model=str(tiny_dir), adapter="retrieval", out=str(out)), progress=False)
+
+
+@pytest.fixture(scope="session")
+def stdlib_corpus(tmp_path_factory):
+    """The first CORPUS_DOCS documents of the built-in stdlib-code set, as a corpus JSONL."""
+    from jev4.encode import write_corpus_jsonl
+
+    return write_corpus_jsonl(tmp_path_factory.mktemp("encode-corpus") / "stdlib-code.jsonl", max_docs=CORPUS_DOCS)
+
+
+@pytest.fixture(scope="session")
+def make_settings(encode_artifact, stdlib_corpus):
+    """``make_settings(out, **overrides)``: the settings every test starts from."""
+    from jev4.encode import CorpusEncodeSettings
+
+    def make(out, **overrides):
+        base = dict(model=str(encode_artifact), corpus=str(stdlib_corpus), out=str(out), max_length=MAX_LENGTH, shard_size=SHARD_SIZE, batch_size=16, progress=False)
+        return CorpusEncodeSettings(**{**base, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def reference_run(make_settings, tmp_path_factory):
+    """One uninterrupted in-process run: (OUT, ids, vectors). Every other run must give exactly this."""
+    from jev4.encode import encode_corpus, load_embeddings
+
+    out = encode_corpus(make_settings(tmp_path_factory.mktemp("encode-ref") / "emb"))
+    ids, vectors = load_embeddings(out)
+    return out, ids, vectors
+
+
+@pytest.fixture(scope="session")
+def encoder_onnx(encode_artifact):
+    import jev4.runtime as rt
+
+    return rt.load(encode_artifact)
+
+
+def shard_stats(out):
+    """{shard name: (inode, mtime_ns)}: a file rewritten (even with the same bytes) gets a new inode."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(out.glob("part-*.parquet"))}
