@@ -61,7 +61,7 @@ def _encode(args: argparse.Namespace) -> int:
             raise TaskError(f"unknown task {args.task!r}; {args.model} has {list(info.tasks)}")
         for path in args.image:  # unreadable, too large or too elongated: refused before the model loads
             load_image(path)
-        encoder = rt.load(args.model, provider=args.provider, device=args.device, dtype=args.dtype)
+        encoder = rt.load(args.model, provider=args.provider, device=args.device, dtype=args.dtype, threads=args.threads)
         arrays = {}
         common = dict(task=args.task, truncate_dim=args.truncate_dim, return_multivector=args.multivector, batch_size=args.batch_size, progress=not args.no_progress)
         if args.text:
@@ -250,6 +250,7 @@ def _validate(args: argparse.Namespace) -> int:
             backend=args.backend,
             url=args.url,
             vllm_pooling=args.vllm_pooling,
+            threads=args.threads,
             max_queries=args.max_queries,
             max_docs=args.max_docs,
             max_length=args.max_length,
@@ -296,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="torch backend only")
     enc.add_argument("--device", default="cpu", help="torch backend: cpu or cuda[:N]")
     enc.add_argument("--provider", default="cpu", help="ONNX artifacts: onnxruntime provider cpu, cuda or tensorrt")
+    enc.add_argument("--threads", type=int, help="CPU threads of the engine: onnxruntime intra-op, llama.cpp, torch (process-wide); default: the engine's own")
     enc.add_argument("--out", required=True, help="output .npz, written exactly at this path; with --corpus, a directory of Parquet shards")
     enc.add_argument("--force", action="store_true", help="replace --out if it exists; with --corpus, discard OUT's shards and start over")
     corpus = enc.add_argument_group("a whole corpus (jev4.encode): Parquet shards in OUT, resumable")
@@ -329,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument(
         "--vllm-pooling", choices=["embed", "token_embed"], help="pooling of the vLLM server jev4 starts: token_embed (default: single and multi-vectors) or embed (/v1/embeddings, single only)"
     )
+    val.add_argument("--threads", type=int, help="CPU threads of the artifact's in-process engine (not for served backends or tensorrt); default: the engine's own")
     val.add_argument("--max-queries", type=int, default=200)
     val.add_argument("--max-docs", type=int, default=1000)
     val.add_argument("--max-length", type=int, default=512)

@@ -121,6 +121,9 @@ class Encoder(ABC):
         # Set by jev4.runtime.load from the artifact's output-codec.json (jev4.quant.output_codec.OutputCodec):
         # the object that turns float outputs into codes when encode_* is asked for an output_precision.
         self.output_codec: OutputCodecLike | None = None
+        # The CPU threads the engine was told to use (jev4.runtime.load(threads=)); None: the engine's own default.
+        # Readable so that a caller (a Ray actor, a report) can tell what this encoder runs with.
+        self.threads: int | None = None
 
     @property
     def supports_images(self) -> bool:

@@ -220,6 +220,7 @@ class LlamaCppEncoder(Encoder):
         super().__init__(config, preprocessor, config.task_names)
         self.model = model
         self.projector = projector
+        self.threads = model.settings.threads
 
     @classmethod
     def open(cls, root: Path, manifest: dict[str, Any], config: JinaV4Config, settings: LlamaCppSettings | None = None) -> LlamaCppEncoder:

@@ -10,6 +10,11 @@
 - a jev4 GGUF artifact (manifest kind ``gguf``): llama.cpp
   (``jev4.runtime.llamacpp_backend``), also as ``backend="llamacpp"``.
 
+``threads`` bounds the CPU threads of the engine that runs in this process
+(onnxruntime's intra-op pool, llama.cpp's decode threads, torch's
+process-wide pool), so that each process of a job (a Ray actor per CPU slot)
+can be told its share; None leaves every engine at its own default.
+
 A jev4 artifact's files are checked against its manifest checksums before
 use; one whose manifest is gone is refused, since nothing then says whether
 it is complete. An unfinished output (a temp dir of an interrupted run) is
@@ -25,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from jev4.atomic import check_not_temp_dir
-from jev4.errors import Jev4Error, ManifestError, ProviderError
+from jev4.errors import Jev4Error, ManifestError, ProviderError, SettingsError
 from jev4.export.gguf import GGUF_KIND
 from jev4.export.manifest import MANIFEST_NAME, read_manifest, verify_manifest
 from jev4.model.checkpoint import resolve_model_dir
@@ -38,6 +43,13 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "vllm", "infinity", "triton", "llamacpp")
 TEXT_ONLY_KIND = "merged-text-only"
+# Backends whose compute threads this process does not own, and why: refused with threads= rather than ignored.
+THREADLESS_BACKENDS = {
+    "vllm": "runs in a vLLM server, whose threads are set where that server is started",
+    "triton": "runs in a Triton server, whose threads are set where that server is started (its model config)",
+    "infinity": "runs in an infinity-emb server, whose threads are set where that server is started",
+    "tensorrt": "runs on a GPU, where there is no CPU thread pool to size",
+}
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,36 @@ def _check_device(device: str) -> None:
             raise ProviderError(f"device {device!r} needs a CUDA GPU, and none is visible here; use device 'cpu'")
 
 
+def check_threads(threads: object, backend: str) -> None:
+    """Refuse a ``threads`` that is not a positive int, or that ``backend`` could not apply; None always passes.
+
+    Called before anything loads or starts, so a Ray job with a bad setting
+    fails at once instead of after a server start or a weight load.
+    """
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise SettingsError(f"threads must be a positive integer (CPU threads of the engine), got {threads!r}")
+    if backend in THREADLESS_BACKENDS:
+        raise SettingsError(f"threads={threads}: backend {backend!r} {THREADLESS_BACKENDS[backend]}; leave threads=None")
+
+
+def _set_torch_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` when given.
+
+    torch has one intra-op thread pool per process, not one per model, so
+    this also bounds every other torch model of this process. That is what
+    one-process-per-slot jobs want (each Ray actor is its own process); two
+    torch encoders in one process cannot have different thread counts.
+    """
+    if threads is None:
+        return
+    import torch
+
+    log.info("torch intra-op threads: %d -> %d (process-wide)", torch.get_num_threads(), threads)
+    torch.set_num_threads(threads)
+
+
 def load(
     path: str | Path,
     backend: str = "auto",
@@ -107,6 +149,7 @@ def load(
     triton_protocol: str = "http",
     triton_python: str | None = None,
     infinity_python: str | None = None,
+    threads: int | None = None,
 ) -> Encoder:
     """The encoder for ``path``; ``backend`` picks the engine (``auto``: what the directory holds).
 
@@ -129,9 +172,18 @@ def load(
 
     ``quantization`` (torch only: ``fp8``, ``bnb-int8``, ``bnb-nf4``) merges ``task``'s adapter and
     quantizes the language model's Linear layers (``jev4.runtime.torch_quantized``).
+
+    ``threads`` (an int >= 1; None: the engine's default, unchanged): the CPU
+    threads of an in-process engine, read back as ``encoder.threads``.
+    onnxruntime: ``intra_op_num_threads`` of every session (language and
+    vision), one inter-op thread, sequential execution. llama.cpp:
+    ``n_threads`` and ``n_threads_batch``. torch: ``torch.set_num_threads``,
+    which is process-wide (see ``_set_torch_threads``). Served backends and
+    tensorrt refuse it (``THREADLESS_BACKENDS``).
     """
     if backend not in BACKENDS:
         raise Jev4Error(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    check_threads(threads, backend)
     info = inspect(path)
     root, manifest, kind = info.root, info.manifest, info.kind
     if backend == "auto":
@@ -147,24 +199,29 @@ def load(
     if (backend == "llamacpp") != (kind == GGUF_KIND):
         raise ManifestError(f"{root}: is a {kind}; backend {backend!r} " + ("runs a GGUF artifact only (jev4-export --format gguf)" if backend == "llamacpp" else "cannot run it: use backend='llamacpp'"))
     if backend == "llamacpp":
-        from jev4.runtime.llamacpp_backend import LlamaCppEncoder
+        from jev4.runtime.llamacpp_backend import LlamaCppEncoder, LlamaCppSettings
 
-        return _with_output_codec(LlamaCppEncoder.open(root, manifest, info.config), root)
+        return _with_output_codec(LlamaCppEncoder.open(root, manifest, info.config, LlamaCppSettings(threads=threads)), root)
     if backend == "torch":
         _check_device(device)
         if kind == "onnx":
             raise ManifestError(f"{root}: is an ONNX artifact; load it with backend='onnxruntime' (or point torch at a checkpoint)")
-        if kind == TEXT_ONLY_KIND or is_text_only(info.config.raw):
-            if quantization is not None:
-                raise Jev4Error(f"quantization={quantization!r} is not available for a text-only export; load the full merged checkpoint")
+        text_only = kind == TEXT_ONLY_KIND or is_text_only(info.config.raw)
+        if text_only and quantization is not None:
+            raise Jev4Error(f"quantization={quantization!r} is not available for a text-only export; load the full merged checkpoint")
+        _set_torch_threads(threads)  # before the weights load: loading and merging run on the same pool
+        if text_only:
             from jev4.runtime.text_only import TextOnlyEncoder
 
-            return _with_output_codec(TextOnlyEncoder.from_dir(root, dtype=dtype, device=device), root)
-        if quantization is not None:
+            encoder = TextOnlyEncoder.from_dir(root, dtype=dtype, device=device)
+        elif quantization is not None:
             from jev4.runtime.torch_quantized import load_quantized
 
-            return _with_output_codec(load_quantized(root, quantization, task=task, dtype=dtype, device=device), root)
-        return _with_output_codec(TorchEncoder.from_pretrained(root, dtype=dtype, device=device), root)
+            encoder = load_quantized(root, quantization, task=task, dtype=dtype, device=device)
+        else:
+            encoder = TorchEncoder.from_pretrained(root, dtype=dtype, device=device)
+        encoder.threads = threads
+        return _with_output_codec(encoder, root)
     if quantization is not None:
         raise Jev4Error(f"quantization={quantization!r} is for the torch backend; an ONNX artifact carries its own precision")
     if kind != "onnx":
@@ -177,7 +234,7 @@ def load(
         return _with_output_codec(TensorRTEncoder.open(root, manifest, config, Preprocessor.from_dir(root, config), device=trt_device), root)
     from jev4.runtime.onnxruntime_backend import OnnxRuntimeEncoder
 
-    return _with_output_codec(OnnxRuntimeEncoder(root, manifest, config, Preprocessor.from_dir(root, config), provider=provider), root)
+    return _with_output_codec(OnnxRuntimeEncoder(root, manifest, config, Preprocessor.from_dir(root, config), provider=provider, threads=threads), root)
 
 
 def _with_output_codec(encoder: Encoder, root: Path) -> Encoder:

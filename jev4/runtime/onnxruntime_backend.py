@@ -63,6 +63,12 @@ class OnnxRuntimeEncoder(Encoder):
     """Runs ``language.onnx`` (and ``vision.onnx`` for images) with the chosen execution provider."""
 
     def __init__(self, root: Path, manifest: dict, config: JinaV4Config, preprocessor: Preprocessor, provider: str = "cpu", threads: int | None = None):
+        """``threads``: intra-op threads of every session (None: onnxruntime's default, one per physical core).
+
+        With ``threads`` the sessions also run sequentially on one inter-op
+        thread, so that N is the whole CPU budget of this encoder (what a
+        Ray actor given N CPUs may use), not N per parallel branch.
+        """
         contents = manifest["contents"]
         super().__init__(config, preprocessor, (contents["task"],))
         ort = import_onnxruntime()
@@ -72,9 +78,12 @@ class OnnxRuntimeEncoder(Encoder):
         # What the graph computes in (fp32 / fp16 / fp8 / int8 / w-int8 / w-int4) and whether attention is fused: for reports.
         self.precision = contents.get("precision") or {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(contents["float_dtype"], contents["float_dtype"])
         self.fused = bool(contents.get("fused"))
+        self.threads = threads
         options = ort.SessionOptions()
-        if threads:
+        if threads is not None:
             options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         providers = provider_list(provider)
         self.specs = {name: _spec(data) for name, data in contents["graphs"].items()}
         if "language" not in self.specs:

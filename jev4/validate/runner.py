@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import jev4.runtime as rt
-from jev4.runtime.loader import TEXT_ONLY_KIND
+from jev4.runtime.loader import TEXT_ONLY_KIND, check_threads
 from jev4.atomic import atomic_output_dir, claim_output
 from jev4.errors import ConfigError, SettingsError, TaskError
 from jev4.export.manifest import MANIFEST_NAME, package_versions, read_manifest
@@ -51,6 +51,7 @@ class ValidateSettings:
     backend: str = "auto"  # how the artifact runs: auto (what it is), torch, onnxruntime, tensorrt, vllm, triton, infinity
     url: str | None = None  # a running server of a served backend (vllm: http://HOST:PORT/v1); None: started for the run
     vllm_pooling: str | None = None  # a vLLM server started here: token_embed (default; single + multi) or embed
+    threads: int | None = None  # CPU threads of the artifact's in-process engine (jev4.runtime.load); None: its default
     max_queries: int | None = 200
     max_docs: int | None = 1000
     max_length: int = 512
@@ -67,6 +68,7 @@ class ValidateSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise SettingsError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        check_threads(self.threads, self.backend)  # before the reference loads or a server starts
 
     def load_artifact(self) -> rt.Encoder:
         """The artifact's encoder on the asked backend.
@@ -86,7 +88,7 @@ class ValidateSettings:
             return rt.load(self.artifact, backend="vllm", url=self.url, vllm_pooling=pooling)
         if self.backend in SERVED_BACKENDS:
             return rt.load(self.artifact, backend=self.backend, url=self.url)
-        return rt.load(self.artifact, backend=self.backend, provider=self.provider)
+        return rt.load(self.artifact, backend=self.backend, provider=self.provider, threads=self.threads)
 
     def sources(self) -> tuple[str | None, ...]:
         """What the run reads: the report may not be, hold or sit inside any of them."""
