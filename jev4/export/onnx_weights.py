@@ -42,6 +42,8 @@ import ast
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -152,7 +154,7 @@ def quantize_weights(path: Path, settings: WeightQuantSettings) -> dict:
 
     path = Path(path)
     started = time.perf_counter()
-    model = onnx.load(str(path), load_external_data=True)
+    model = onnx.load(str(path), load_external_data=False)  # the structure only: each quantizer loads the weights itself
     for node in model.graph.node:  # the quantizers need node names to exclude by; the exporters always set them
         if not node.name:
             raise WeightQuantError(f"{path.name}: a {node.op_type} node has no name; cannot exclude nodes by name")
@@ -162,12 +164,13 @@ def quantize_weights(path: Path, settings: WeightQuantSettings) -> dict:
         raise WeightQuantError(f"{path.name}: no MatMul with a constant weight to quantize")
     tmp = path.with_name(path.name + ".quantized")
     tmp_data = tmp.with_name(tmp.name + ".data")
+    has_gemm = any(node.op_type == "Gemm" for node in model.graph.node)
+    del model
     try:
         if settings.precision == "int4":
-            _int4(model, kept, settings, tmp)
-        del model  # the float graph (12.4 GB at full size) must be gone before anything else loads; quantize_dynamic reads the file itself
-        if settings.precision == "int8":
-            _int8(path, kept, settings, tmp)
+            _int4(path, kept, settings, tmp)
+        else:
+            _int8(path, kept, settings, tmp, has_gemm)
         # The quantizers name the data file after the file they write: rename both into place (no reload of the weights).
         move_graph(tmp, path)
     finally:
@@ -185,8 +188,11 @@ def quantize_weights(path: Path, settings: WeightQuantSettings) -> dict:
     return {"quantized_matmuls": done, "quantized_op": quantized_op, "kept_float_nodes": kept, "seconds": round(seconds, 1)}
 
 
-def _int4(model, kept: list[str], settings: WeightQuantSettings, out: Path) -> None:
+def _int4(path: Path, kept: list[str], settings: WeightQuantSettings, out: Path) -> None:
+    import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(path), load_external_data=True)
 
     quantizer = MatMulNBitsQuantizer(
         model,
@@ -201,17 +207,44 @@ def _int4(model, kept: list[str], settings: WeightQuantSettings, out: Path) -> N
     quantizer.model.save_model_to_file(str(out), use_external_data_format=True)
 
 
-def _int8(path: Path, kept: list[str], settings: WeightQuantSettings, out: Path) -> None:
+@contextmanager
+def _no_second_copy(has_gemm: bool) -> Iterator[None]:
+    """Keep ``quantize_dynamic`` at one copy of the float graph (onnxruntime 1.32).
+
+    In dynamic mode ``ONNXQuantizer.__init__`` always re-runs shape inference
+    through ``save_and_reload_model_with_shape_infer`` (a deepcopy, a save and
+    a reload) "to update value_infos" after turning Gemm into MatMul: three
+    copies of the float graph at its peak, 7.2 GB for a 2.5 GB graph, 37 GB
+    for the full-size 12.4 GB one. The graph was shape-inferred when loaded,
+    so for a graph without Gemm (nothing replaced, value_infos unchanged) that
+    reload is the identity and is skipped here, for the duration of the call
+    only. A graph with Gemm keeps onnxruntime's path untouched.
+    """
+    import onnxruntime.quantization.onnx_quantizer as onnx_quantizer
+
+    if has_gemm or not hasattr(onnx_quantizer, "save_and_reload_model_with_shape_infer"):
+        yield
+        return
+    original = onnx_quantizer.save_and_reload_model_with_shape_infer
+    onnx_quantizer.save_and_reload_model_with_shape_infer = lambda model: model
+    try:
+        yield
+    finally:
+        onnx_quantizer.save_and_reload_model_with_shape_infer = original
+
+
+def _int8(path: Path, kept: list[str], settings: WeightQuantSettings, out: Path, has_gemm: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        str(path),
-        str(out),
-        weight_type=QuantType.QInt8,
-        per_channel=settings.per_channel,
-        reduce_range=False,
-        op_types_to_quantize=["MatMul"],
-        nodes_to_exclude=kept,
-        use_external_data_format=True,
-        extra_options={"MatMulConstBOnly": True},
-    )
+    with _no_second_copy(has_gemm):
+        quantize_dynamic(
+            str(path),
+            str(out),
+            weight_type=QuantType.QInt8,
+            per_channel=settings.per_channel,
+            reduce_range=False,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=kept,
+            use_external_data_format=True,
+            extra_options={"MatMulConstBOnly": True},
+        )

@@ -273,3 +273,41 @@ def test_fused_graph_needs_less_attention_memory(fused, int8_cli, monkeypatch):
     assert got.shape == (1, 64) and torch.isfinite(got).all()
     with pytest.raises(EncodeError, match=r"a batch of 1 x 512 tokens needs about"):
         rt.load(int8_cli).encode_text(text, task="retrieval", max_length=512)
+
+
+def test_int8_without_the_second_copy_equals_onnxruntimes_own_result(tmp_path):
+    """quantize_weights skips onnxruntime's value_info reload (3 copies of the float graph at full size); the graph it writes is the one onnxruntime's unaltered path writes."""
+    import numpy as np
+    import onnxruntime as ort
+    import onnxruntime.quantization.onnx_quantizer as onnx_quantizer
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((64, 64)).astype(np.float32) * 0.1 for _ in range(3)]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], [f"h{i}"], name=f"mm{i}") for i in range(3)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])], [helper.make_tensor_value_info("h2", TensorProto.FLOAT, ["b", 64])],
+        [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)],
+    )  # fmt: skip
+    original = onnx_quantizer.save_and_reload_model_with_shape_infer
+    for name in ("ours", "theirs"):
+        (tmp_path / name).mkdir()
+        onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / name / "language.onnx"), save_as_external_data=True, location="language.onnx.data", size_threshold=0)
+    quantize_weights(tmp_path / "ours" / "language.onnx", WeightQuantSettings("int8"))
+    assert onnx_quantizer.save_and_reload_model_with_shape_infer is original  # restored after the call
+    quantize_dynamic(
+        str(tmp_path / "theirs" / "language.onnx"), str(tmp_path / "theirs" / "q.onnx"), weight_type=QuantType.QInt8, per_channel=True, reduce_range=False,
+        op_types_to_quantize=["MatMul"], use_external_data_format=True, extra_options={"MatMulConstBOnly": True},
+    )  # fmt: skip
+    ours = onnx.load(str(tmp_path / "ours" / "language.onnx"))
+    theirs = onnx.load(str(tmp_path / "theirs" / "q.onnx"))
+    assert [n.op_type for n in ours.graph.node] == [n.op_type for n in theirs.graph.node] and _ops(tmp_path / "ours" / "language.onnx")["MatMulInteger"] == 3
+    ours_inits = {i.name: numpy_helper.to_array(i) for i in ours.graph.initializer}
+    theirs_inits = {i.name: numpy_helper.to_array(i) for i in theirs.graph.initializer}
+    assert ours_inits.keys() == theirs_inits.keys()
+    for name, value in ours_inits.items():
+        np.testing.assert_array_equal(value, theirs_inits[name])
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    np.testing.assert_array_equal(run(tmp_path / "ours" / "language.onnx"), run(tmp_path / "theirs" / "q.onnx"))
