@@ -47,6 +47,7 @@ import numpy as np
 
 from jev4.encode import deps
 from jev4.encode.plan import Shard, is_shard_name
+from jev4.errors import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,11 @@ def embedding_table(ids: Sequence[str], vectors: Any, multivector: bool, precisi
     pa = deps.pyarrow()
     if multivector:
         items = [np.asarray(v.numpy() if hasattr(v, "numpy") else v) for v in vectors]
+        tokens = np.cumsum([len(v) for v in items], dtype=np.int64)
+        if len(tokens) and tokens[-1] > np.iinfo(np.int32).max:  # Arrow's list offsets are int32 (large_list would change the schema)
+            raise SettingsError(f"a shard of {len(items)} multi-vector records holds {tokens[-1]} token vectors, more than a Parquet list column takes; lower --shard-size")
         offsets = np.zeros(len(items) + 1, dtype=np.int32)
-        np.cumsum([len(v) for v in items], out=offsets[1:])
+        offsets[1:] = tokens
         column = pa.ListArray.from_arrays(pa.array(offsets), _fixed_size(pa, np.concatenate(items)))
     else:
         column = _fixed_size(pa, np.asarray(vectors.numpy() if hasattr(vectors, "numpy") else vectors))

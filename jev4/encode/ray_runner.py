@@ -22,7 +22,7 @@ whose file is already there is skipped, so nothing is written twice. A
 shard that kills its actor every time (out of memory on very long texts) is
 retried without end: stop the job, lower ``--shard-size`` or
 ``--batch-size`` / ``--max-length``, and re-run; it resumes. An error that a
-worker raises (a corpus changed under the job, a text the model cannot
+worker reports (a corpus changed under the job, a text the model cannot
 encode) is not retried: the job stops with that error.
 
 The corpus, the artifact and OUT must be at the same paths on every node
@@ -32,7 +32,7 @@ The corpus, the artifact and OUT must be at the same paths on every node
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import importlib
 import json
 import logging
 import os
@@ -61,28 +61,42 @@ def _with_threads(job: EncodeJob, settings: CorpusEncodeSettings) -> EncodeJob:
     """Without ``threads``, each actor's engine gets its CPU share (``cpus_per_worker``), not every core of the node.
 
     onnxruntime sizes its pool by the node's cores whatever Ray reserved, so
-    N actors on N cores would run N x N threads. Skipped where this
-    jev4's ``runtime.load`` takes no ``threads``.
+    N actors on N cores would run N x N threads.
     """
-    import jev4.runtime as rt
-
-    if job.threads is not None or not settings.cpus_per_worker or "threads" not in inspect.signature(rt.load).parameters:
+    if job.threads is not None or settings.cpus_per_worker < 1:
         return job
-    return dataclasses.replace(job, threads=max(1, int(settings.cpus_per_worker)))
+    return dataclasses.replace(job, threads=int(settings.cpus_per_worker))
 
 
-def _jev4_error(exc: BaseException) -> Jev4Error | None:
-    """The jev4 error a worker raised, from under Ray's wrappers (RayTaskError, UserCodeException)."""
-    seen: set[int] = set()
-    stack = [exc]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, Jev4Error) and type(current).__module__.startswith("jev4"):
-            return current
-        stack.extend([getattr(current, "cause", None), current.__cause__, current.__context__])
+def _worker_error(error_type: str, message: str) -> Jev4Error:
+    """The jev4 error a worker reported (class ``module:qualname`` and message), raised again on the driver."""
+    module, _, name = error_type.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        cls = Jev4Error
+    if not (isinstance(cls, type) and issubclass(cls, Jev4Error)):
+        cls = Jev4Error
+    return cls(f"{message} (on a Ray worker)")
+
+
+def _consume(dataset: Any, on_result: Callable[[ShardResult], None]) -> Jev4Error | None:
+    """Run the dataset, reporting each shard; the first jev4 error a worker reports stops the run and is returned.
+
+    Stopping = closing the iterator: Ray Data shuts the execution down and
+    drops its actors, as after a successful run.
+    """
+    batches = dataset.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0)
+    try:
+        for batch in batches:
+            for name, records, written, error_type, error in zip(batch["name"], batch["records"], batch["written"], batch["error_type"], batch["error"]):
+                if error:
+                    return _worker_error(str(error_type), str(error))
+                on_result(ShardResult(str(name), int(records), bool(written)))
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
     return None
 
 
@@ -100,9 +114,12 @@ def run_on_ray(job: EncodeJob, shards: Sequence[Shard], settings: CorpusEncodeSe
 
         workers = settings.workers or default_workers(ray.cluster_resources(), settings)
         log.info("Ray: %d encoder actor(s), %g CPU and %g GPU each, %d shard(s)", workers, settings.cpus_per_worker, settings.gpus_per_worker, len(shards))
+        if settings.gpus_per_worker and settings.device == "cpu" and settings.provider == "cpu":
+            log.warning("gpus_per_worker=%g, but the encoders run on the CPU: pass --device cuda (torch) or --provider cuda (ONNX)", settings.gpus_per_worker)
         job = _with_threads(job, settings)
         context = DataContext.get_current()
         context.enable_progress_bars = False  # the driver shows one bar of its own, in shards
+        context.raise_original_map_exception = True  # anything else a worker raises (a bug) reaches the driver as itself, not as "UDF failed"
         runtime_env = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}} if os.environ.get(FAULT_ENV) else None
         items = [{"shard": json.dumps(shard.to_json())} for shard in shards]
         dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -115,16 +132,10 @@ def run_on_ray(job: EncodeJob, shards: Sequence[Shard], settings: CorpusEncodeSe
             num_gpus=settings.gpus_per_worker or None,
             runtime_env=runtime_env,
         )
-        try:
-            for batch in dataset.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
-                for name, records, written in zip(batch["name"], batch["records"], batch["written"]):
-                    on_result(ShardResult(str(name), int(records), bool(written)))
-        except Exception as exc:
-            found = _jev4_error(exc)
-            if found is not None:
-                raise type(found)(f"{found} (on a Ray worker)") from exc
-            raise
-        return {"runner": "ray", "address": ray.get_runtime_context().gcs_address, "workers": workers}
+        error = _consume(dataset, on_result)
+        if error is not None:
+            raise error
+        return {"runner": "ray", "address": ray.get_runtime_context().gcs_address, "workers": min(workers, len(shards))}
     finally:
         if started:
             ray.shutdown()

@@ -48,7 +48,7 @@ class CorpusEncodeSettings:
     ``workers``: encoder actors (default: one per GPU with
     ``gpus_per_worker``, else one per ``cpus_per_worker`` CPUs of the cluster).
     ``threads``: CPU threads of the engine in each worker (``jev4.runtime.load``;
-    default: the engine's own in-process, ``cpus_per_worker`` on Ray).
+    default: the engine's own in-process, ``cpus_per_worker`` rounded down on Ray).
     ``batch_size``: texts per forward pass, the same in both runners (a Ray
     task is one whole shard). ``shard_size`` default: 10,000 records, or
     1,000 with ``multivector``.

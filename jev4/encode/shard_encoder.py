@@ -34,7 +34,7 @@ import numpy as np
 from jev4.encode.corpus import Source, read_shard
 from jev4.encode.output import embedding_table, shard_done, write_shard
 from jev4.encode.plan import Shard
-from jev4.errors import EncodeError
+from jev4.errors import EncodeError, Jev4Error
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,30 @@ class ShardEncoder:
         return ShardResult(shard.name, shard.records, True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Ray Data's entry: a batch of shard descriptors (normally one) in, one result row per shard out."""
-        results = [self.encode_shard(Shard.from_json(_as_dict(item))) for item in batch["shard"]]
+        """Ray Data's entry: a batch of shard descriptors (normally one) in, one result row per shard out.
+
+        A jev4 error (bad input, a corpus changed under the job) comes back as
+        a row (its class and message), not as a raised exception: Ray Data logs
+        a raised one with its traceback, and whoever keeps that log record
+        (pytest's log capture does) keeps the failed execution's actors, and
+        the CPUs or GPUs they hold, alive. The driver raises it (ray_runner).
+        """
+        rows = []
+        for item in batch["shard"]:
+            shard = Shard.from_json(_as_dict(item))
+            try:
+                result = self.encode_shard(shard)
+            except Jev4Error as exc:
+                rows.append((shard.name, 0, False, f"{type(exc).__module__}:{type(exc).__qualname__}", str(exc)))
+            else:
+                rows.append((result.name, result.records, result.written, "", ""))
+        names, records, written, error_types, errors = zip(*rows) if rows else ((),) * 5
         return {
-            "name": np.array([r.name for r in results], dtype=object),
-            "records": np.array([r.records for r in results], dtype=np.int64),
-            "written": np.array([r.written for r in results], dtype=bool),
+            "name": np.array(names, dtype=object),
+            "records": np.array(records, dtype=np.int64),
+            "written": np.array(written, dtype=bool),
+            "error_type": np.array(error_types, dtype=object),
+            "error": np.array(errors, dtype=object),
         }
 
 
