@@ -118,6 +118,7 @@ def run_on_ray(job: EncodeJob, shards: Sequence[Shard], settings: CorpusEncodeSe
             log.warning("gpus_per_worker=%g, but the encoders run on the CPU: pass --device cuda (torch) or --provider cuda (ONNX)", settings.gpus_per_worker)
         job = _with_threads(job, settings)
         context = DataContext.get_current()
+        saved = {"enable_progress_bars": context.enable_progress_bars, "raise_original_map_exception": context.raise_original_map_exception}
         context.enable_progress_bars = False  # the driver shows one bar of its own, in shards
         context.raise_original_map_exception = True  # anything else a worker raises (a bug) reaches the driver as itself, not as "UDF failed"
         runtime_env = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}} if os.environ.get(FAULT_ENV) else None
@@ -132,7 +133,11 @@ def run_on_ray(job: EncodeJob, shards: Sequence[Shard], settings: CorpusEncodeSe
             num_gpus=settings.gpus_per_worker or None,
             runtime_env=runtime_env,
         )
-        error = _consume(dataset, on_result)
+        try:
+            error = _consume(dataset, on_result)
+        finally:
+            for name, value in saved.items():  # the caller's own Ray Data settings, as they were
+                setattr(context, name, value)
         if error is not None:
             raise error
         return {"runner": "ray", "address": ray.get_runtime_context().gcs_address, "workers": min(workers, len(shards))}

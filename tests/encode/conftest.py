@@ -1,12 +1,7 @@
 """Fixtures of the corpus-encoding tests: the tiny ONNX artifact, the stdlib-code corpus as JSONL, one uninterrupted run."""
 
 import pytest
-
-pytest.importorskip("pyarrow", reason="corpus encoding writes Parquet: pip install 'jev4[ray]' (make test installs it)")
-
-CORPUS_DOCS = 400  # stdlib-code documents: 8 shards of 50, a few seconds per run with the tiny artifact
-SHARD_SIZE = 50
-MAX_LENGTH = 64
+from encode_helpers import CORPUS_DOCS, MAX_LENGTH, SHARD_SIZE
 
 
 @pytest.fixture(scope="session")
@@ -53,8 +48,3 @@ def encoder_onnx(encode_artifact):
     import jev4.runtime as rt
 
     return rt.load(encode_artifact)
-
-
-def shard_stats(out):
-    """{shard name: (inode, mtime_ns)}: a file rewritten (even with the same bytes) gets a new inode."""
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(out.glob("part-*.parquet"))}

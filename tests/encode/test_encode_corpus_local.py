@@ -13,7 +13,7 @@ pytest.importorskip("pyarrow")
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from conftest import MAX_LENGTH, SHARD_SIZE, shard_stats  # noqa: E402
+from encode_helpers import MAX_LENGTH, SHARD_SIZE, shard_stats  # noqa: E402
 
 from jev4.cli.main import main as jev4_main  # noqa: E402
 from jev4.encode import encode_corpus, load_embeddings, open_embeddings, read_embeddings  # noqa: E402

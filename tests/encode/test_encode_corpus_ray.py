@@ -13,7 +13,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="the Ray runner needs ray[data]: pip install 'jev4[ray]' (make test installs it)")
 pytest.importorskip("ray.data")
 
-from conftest import shard_stats  # noqa: E402
+from encode_helpers import shard_stats  # noqa: E402
 
 from jev4.encode import encode_corpus, load_embeddings, open_embeddings  # noqa: E402
 from jev4.encode.output import SIDECAR_NAME  # noqa: E402
