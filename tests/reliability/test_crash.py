@@ -79,9 +79,11 @@ def test_stopped_run_leaves_nothing_and_reruns(mid, tmp_path, point, sig):
         assert result.code == -9
         leftover = temp_dir(out)
         if leftover is not None:  # killed after the temp dir appeared: it stays, and nothing may use it
-            refused = run(command("jev4", "encode", "--model", leftover, "--text", "x", "--out", tmp_path / "e.npz"))
+            # Written in another directory: a claim beside the leftover would sweep it as a dead sibling (jev4.atomic.remove_dead_siblings).
+            elsewhere = tmp_path / "elsewhere" / "e.npz"
+            refused = run(command("jev4", "encode", "--model", leftover, "--text", "x", "--out", elsewhere))
             assert refused.code == 2 and "unfinished jev4 output" in refused.one_error()
-            assert not (tmp_path / "e.npz").exists()
+            assert not elsewhere.exists() and leftover.exists()
     else:
         _assert_handled(result, sig, out)
     assert not out.exists()
