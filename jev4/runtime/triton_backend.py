@@ -25,7 +25,6 @@ import logging
 import re
 import shutil
 import tempfile
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from jev4.errors import EncodeError, Jev4Error, MissingDependencyError
 from jev4.model.config import JinaV4Config, SpecialTokens
 from jev4.model.encoder import Encoder, _as_list, check_encode_args, check_texts
 from jev4.model.preprocess import DEFAULT_MAX_LENGTH, ModelInputs, text_prefix
-from jev4.runtime.server_process import ServerProcess, ServingError, engine_python, free_port
+from jev4.runtime.server_process import ServerOwner, ServerProcess, ServingError, engine_python, free_port
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +141,7 @@ class TritonServer:
         shutil.rmtree(self.workspace, ignore_errors=True)
 
 
-class TritonEncoder(Encoder):
+class TritonEncoder(ServerOwner, Encoder):
     """``encode_text`` / ``encode_image`` through a Triton server's model ``jev4`` (HTTP or gRPC)."""
 
     def __init__(
@@ -171,21 +170,7 @@ class TritonEncoder(Encoder):
         super().__init__(config_from_description(description), None, description["tasks"])
         self._supports_images = bool(description.get("supports_images", True))
         self.max_batch_size = self._max_batch_size()
-        if server is not None:
-            weakref.finalize(self, server.stop)  # a safety net: close() or `with` is the way
-
-    # ------------------------------------------------------------------ life cycle
-
-    def __enter__(self) -> TritonEncoder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop the server this encoder started (a server given by url is left running)."""
-        if self.server is not None:
-            self.server.stop()
+        self.own_server(server)
 
     @property
     def supports_images(self) -> bool:
