@@ -92,8 +92,9 @@ def test_another_job_into_the_same_out_is_refused_and_force_starts_over(referenc
         encode_corpus(make_settings(out, corpus=str(changed)))
     assert shard_stats(out) == before
     encode_corpus(make_settings(out, prompt="query", force=True))
-    after = shard_stats(out)
-    assert after.keys() == before.keys() and all(after[k][0] != before[k][0] for k in after)  # every shard written again
+    assert shard_stats(out).keys() == before.keys()
+    for (_, old), (_, new) in zip(read_embeddings(reference_run[0]), read_embeddings(out), strict=True):  # every shard written again, as queries
+        assert not np.allclose(old, new, atol=1e-3)  # (not by inode: a filesystem may hand a freed inode to the next file)
     assert open_embeddings(out).settings["prompt"] == "query"
 
 
