@@ -224,6 +224,15 @@ def _triton_repo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count_or_all(text: str) -> int | None:
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+
+
 def _codec_list(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None
@@ -258,6 +267,11 @@ def _validate(args: argparse.Namespace) -> int:
             multivector=not args.no_multivector,
             probes=not args.no_probes,
             codecs=_codec_list(args.codecs),
+            ray=args.ray,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker or 0.0,
+            shard_size=args.shard_size,
+            embeddings=args.embeddings,
             force=args.force,
             progress=not args.no_progress,
         )
@@ -333,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     val.add_argument("--threads", type=int, help="CPU threads of the artifact's in-process engine (not for served backends or tensorrt); default: the engine's own")
     val.add_argument("--max-queries", type=int, default=200)
-    val.add_argument("--max-docs", type=int, default=1000)
+    val.add_argument("--max-docs", type=_count_or_all, default=1000, help="documents per dataset (the relevant ones first), or 'all' (default: 1000)")
     val.add_argument("--max-length", type=int, default=512)
     val.add_argument("--batch-size", type=int, default=8)
     val.add_argument("--no-multivector", action="store_true", help="skip MaxSim scoring")
@@ -343,6 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="output codecs to measure, comma-separated (float16,int8,int4,ternary,binary,binary+rescore,binary+int8 or 'all'); "
         "default: the artifact's own (--output-precision), judged by its emb-* thresholds",
     )
+    val.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="encode each dataset's corpus with both models on a Ray cluster (jev4 encode --corpus) and score it shard by shard; "
+        "ADDRESS of the cluster, or none for the one Ray finds (else a local one)",
+    )
+    val.add_argument("--workers", type=int, help="with --ray: encoder actors (default: one per GPU with --gpus-per-worker, else one per CPU)")
+    val.add_argument("--gpus-per-worker", type=float, help="with --ray: GPUs each encoder actor reserves (the models then run on CUDA)")
+    val.add_argument("--shard-size", type=int, help="with --ray: records per Parquet shard of the corpus encodes")
+    val.add_argument("--embeddings", help="with --ray: keep the corpora and their encodes here (a re-run resumes them); default: scratch, removed")
     val.add_argument("--out", required=True, help="report directory")
     val.add_argument("--force", action="store_true")
     val.set_defaults(handler=_validate)

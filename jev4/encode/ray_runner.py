@@ -36,7 +36,8 @@ import importlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from jev4.encode import deps
@@ -46,6 +47,25 @@ from jev4.encode.shard_encoder import FAULT_ENV, EncodeJob, ShardEncoder, ShardR
 from jev4.errors import Jev4Error
 
 log = logging.getLogger(__name__)
+
+@contextmanager
+def ray_connection(address: str) -> Iterator[None]:
+    """This process's Ray connection: the one it has (``ray.is_initialized()``), else joined or started here and shut down on exit.
+
+    ``address``: ``"auto"`` (``RAY_ADDRESS``, a cluster started on this
+    machine, else a new local one) or a cluster address for ``ray.init``.
+    """
+    ray = deps.ray()
+    if ray.is_initialized():
+        yield
+        return
+    log.info("connecting to Ray (%s)", "the cluster Ray finds, else a new local one" if address == "auto" else address)
+    ray.init(address=None if address == "auto" else address)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
 
 def default_workers(cluster: dict[str, float], settings: CorpusEncodeSettings) -> int:
     """One actor per ``gpus_per_worker`` GPUs when workers use GPUs, else one per ``cpus_per_worker`` CPUs."""
@@ -103,13 +123,7 @@ def _consume(dataset: Any, on_result: Callable[[ShardResult], None]) -> Jev4Erro
 def run_on_ray(job: EncodeJob, shards: Sequence[Shard], settings: CorpusEncodeSettings, on_result: Callable[[ShardResult], None]) -> dict[str, Any]:
     """Encode ``shards`` on a Ray cluster; ``on_result`` is called on the driver as each shard is published."""
     ray = deps.ray()
-    started = False
-    if not ray.is_initialized():
-        address = None if settings.ray == "auto" else settings.ray
-        log.info("connecting to Ray (%s)", address or "the cluster Ray finds, else a new local one")
-        ray.init(address=address)
-        started = True
-    try:
+    with ray_connection(settings.ray):
         from ray.data import ActorPoolStrategy, DataContext
 
         workers = settings.workers or default_workers(ray.cluster_resources(), settings)
@@ -141,6 +155,3 @@ def run_on_ray(job: EncodeJob, shards: Sequence[Shard], settings: CorpusEncodeSe
         if error is not None:
             raise error
         return {"runner": "ray", "address": ray.get_runtime_context().gcs_address, "workers": min(workers, len(shards))}
-    finally:
-        if started:
-            ray.shutdown()

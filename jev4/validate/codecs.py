@@ -171,6 +171,7 @@ def multi_vector_codecs(
                 int(round(bytes_per_vector(precision, dim) * mean_tokens)),
                 ms,
                 queries=len(queries),
+                notes={"calibration": "given" if calibration is not None and cal is calibration else ("documents" if cal is not None else "none")},
             )
         )
     return results

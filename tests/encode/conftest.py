@@ -48,3 +48,28 @@ def encoder_onnx(encode_artifact):
     import jev4.runtime as rt
 
     return rt.load(encode_artifact)
+
+
+def _start_local_cluster(ray, attempts=3):
+    """ray.init on loopback; retried because Ray gives its raylet a fixed 30 s to register, which a loaded CI machine can miss."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == attempts:
+                raise
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster for one test module (starts in ~5-10 s): 2 CPUs, no dashboard, a small object store
+    (only shard descriptors and results travel through it); always shut down."""
+    ray = pytest.importorskip("ray", reason="the Ray runner needs ray[data]: pip install 'jev4[ray]' (make test installs it)")
+    pytest.importorskip("ray.data")
+    _start_local_cluster(ray)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

@@ -6,5 +6,5 @@ MAX_LENGTH = 64
 
 
 def shard_stats(out):
-    """{shard name: (inode, mtime_ns)}: a file rewritten (even with the same bytes) gets a new inode."""
+    """{shard name: (inode, mtime_ns)}: equal for files left untouched (a rewritten file gets a new mtime, and usually a new inode)."""
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(out.glob("part-*.parquet"))}

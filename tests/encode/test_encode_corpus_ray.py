@@ -1,8 +1,4 @@
-"""``jev4 encode --corpus --ray`` on a local Ray cluster that this module starts on 127.0.0.1 and always shuts down.
-
-One cluster for the module (Ray starts in ~5-10 s): 2 CPUs, no dashboard, a
-small object store (only shard descriptors and results travel through it).
-"""
+"""``jev4 encode --corpus --ray`` on a local Ray cluster (``ray_cluster`` in conftest: 127.0.0.1, always shut down)."""
 
 import json
 import shutil
@@ -19,27 +15,6 @@ from jev4.encode import encode_corpus, load_embeddings, open_embeddings  # noqa:
 from jev4.encode.output import SIDECAR_NAME  # noqa: E402
 from jev4.encode.shard_encoder import FAULT_ENV  # noqa: E402
 from jev4.errors import EncodeError  # noqa: E402
-
-
-def _start_local_cluster(attempts=3):
-    """ray.init on loopback; retried because Ray gives its raylet a fixed 30 s to register, which a loaded CI machine can miss."""
-    for attempt in range(1, attempts + 1):
-        try:
-            ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
-            return
-        except Exception:
-            ray.shutdown()
-            if attempt == attempts:
-                raise
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    _start_local_cluster()
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
 
 
 def _same_as_reference(out, reference_run):
