@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from jev4.datasets import RetrievalDataset
+from jev4.datasets.containers import DatasetError
 from jev4.errors import SettingsError
 from jev4.quant.embeddings import Calibration, EmbeddingCodec, bytes_per_vector, calibrate, truncate_normalize
 from jev4.quant.search import Codes, maxsim, scores
@@ -100,15 +101,40 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "dataset"
 
 
+def _file_digest(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.digest()
+
+
 def _write_corpus(path: Path, texts: Sequence[str]) -> Path:
-    """``texts`` as corpus JSONL with ids ``"0"``, ``"1"``...; kept when the file already holds exactly that (a resumed job checks its checksum)."""
-    data = "".join(json.dumps({"id": str(i), "text": text}, ensure_ascii=False) + "\n" for i, text in enumerate(texts)).encode()
-    if path.is_file() and path.stat().st_size == len(data) and hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest():
-        return path
+    """``texts`` as corpus JSONL with ids ``"0"``, ``"1"``..., streamed (no second copy of the corpus in memory).
+
+    A file that already holds exactly these records is kept as it is: a
+    resumed encode checks the corpus by its checksum, and by its path.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            for i, text in enumerate(texts):
+                try:
+                    text.encode()
+                except UnicodeEncodeError as exc:
+                    raise DatasetError(f"{path.stem} #{i}: holds a lone surrogate at position {exc.start}, which a corpus (UTF-8) cannot store") from None
+                line = (json.dumps({"id": str(i), "text": text}, ensure_ascii=False) + "\n").encode()
+                digest.update(line)
+                f.write(line)
+        if path.is_file() and _file_digest(path) == digest.digest():
+            tmp.unlink()
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

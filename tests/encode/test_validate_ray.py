@@ -99,3 +99,18 @@ def test_cli_refuses_ray_options_without_ray_and_reads_max_docs_all():
         [sys.executable, "-m", "jev4.cli.main", "validate", "--reference", "r", "--adapter", "retrieval", "--artifact", "a", "--out", "o", "--workers", "2"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 2 and "--workers apply with --ray only" in done.stderr
+
+
+def test_dataset_corpus_files_are_streamed_kept_when_unchanged_and_bad_text_is_named(tmp_path):
+    from jev4.datasets.containers import DatasetError
+    from jev4.validate.corpus_retrieval import _write_corpus
+
+    path = _write_corpus(tmp_path / "documents.jsonl", ["a", "b\n", "é"])
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"id": "0", "text": "a"}, {"id": "1", "text": "b\n"}, {"id": "2", "text": "é"}]
+    inode = path.stat().st_ino
+    assert _write_corpus(path, ["a", "b\n", "é"]).stat().st_ino == inode  # the same records: the file is kept (a resumed encode checks it)
+    _write_corpus(path, ["a", "c"])
+    assert path.read_text().count("\n") == 2
+    with pytest.raises(DatasetError, match=r"documents #1: holds a lone surrogate at position 1"):
+        _write_corpus(path, ["ok", "x\ud800"])
+    assert path.read_text().count("\n") == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["documents.jsonl"]  # nothing half-written left
