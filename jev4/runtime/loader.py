@@ -38,6 +38,7 @@ from jev4.model.config import CONFIG_NAME, MERGED_TASK_KEY, JinaV4Config, load_c
 from jev4.model.encoder import Encoder, TorchEncoder
 from jev4.model.preprocess import Preprocessor
 from jev4.runtime.text_only import is_text_only, read_text_only_config
+from jev4.runtime.torch_compiled import CompileSettings
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ def load(
     triton_python: str | None = None,
     infinity_python: str | None = None,
     threads: int | None = None,
+    compile: CompileSettings | bool | None = None,
 ) -> Encoder:
     """The encoder for ``path``; ``backend`` picks the engine (``auto``: what the directory holds).
 
@@ -171,7 +173,14 @@ def load(
     owned by the encoder like vLLM's. Single vectors only; jev4 applies the prompts.
 
     ``quantization`` (torch only: ``fp8``, ``bnb-int8``, ``bnb-nf4``) merges ``task``'s adapter and
-    quantizes the language model's Linear layers (``jev4.runtime.torch_quantized``).
+    quantizes the language model's Linear layers (``jev4.runtime.torch_quantized``);
+    ``fp8-torchao`` does it with torchao on a CUDA GPU, always compiled (``jev4.runtime.torchao_fp8``).
+
+    ``compile`` (torch only; True: ``CompileSettings()``'s buckets): merges ``task``'s adapter and
+    runs text batches through ``torch.compile`` at a fixed set of (batch, length) buckets, each
+    batch padded up to its bucket (``jev4.runtime.torch_compiled``; CUDA graphs on CUDA). The
+    first call of a bucket compiles; ``encoder.warm_up()`` does it ahead and ``encoder.stats``
+    reports the seconds per bucket.
 
     ``threads`` (an int >= 1; None: the engine's default, unchanged): the CPU
     threads of an in-process engine, read back as ``encoder.threads``.
@@ -188,6 +197,7 @@ def load(
     root, manifest, kind = info.root, info.manifest, info.kind
     if backend == "auto":
         backend = {"onnx": "onnxruntime", GGUF_KIND: "llamacpp"}.get(kind, "torch")
+    compiled = _compile_settings(compile, quantization, backend)
     if manifest is not None and verify:
         verify_manifest(root)
     if backend == "infinity":
@@ -209,11 +219,17 @@ def load(
         text_only = kind == TEXT_ONLY_KIND or is_text_only(info.config.raw)
         if text_only and quantization is not None:
             raise Jev4Error(f"quantization={quantization!r} is not available for a text-only export; load the full merged checkpoint")
+        if text_only and compiled is not None:
+            raise Jev4Error("compile= is not available for a text-only export; load the full merged checkpoint")
         _set_torch_threads(threads)  # before the weights load: loading and merging run on the same pool
         if text_only:
             from jev4.runtime.text_only import TextOnlyEncoder
 
             encoder = TextOnlyEncoder.from_dir(root, dtype=dtype, device=device)
+        elif compiled is not None:
+            from jev4.runtime.torch_compiled import load_compiled
+
+            encoder = load_compiled(root, compiled, task=task, dtype=dtype, device=device, quantization=quantization)
         elif quantization is not None:
             from jev4.runtime.torch_quantized import load_quantized
 
@@ -235,6 +251,23 @@ def load(
     from jev4.runtime.onnxruntime_backend import OnnxRuntimeEncoder
 
     return _with_output_codec(OnnxRuntimeEncoder(root, manifest, config, Preprocessor.from_dir(root, config), provider=provider, threads=threads), root)
+
+
+def _compile_settings(compile: CompileSettings | bool | None, quantization: str | None, backend: str) -> CompileSettings | None:
+    """The compile settings ``load`` runs with, or None (eager); refuses ``compile`` outside the torch backend."""
+    from jev4.runtime.torchao_fp8 import TORCHAO_FP8
+
+    if compile is not None and not isinstance(compile, (bool, CompileSettings)):
+        raise SettingsError(f"compile must be True, False, None or a CompileSettings, got {type(compile).__name__}")
+    if compile and backend != "torch":
+        raise Jev4Error(f"compile= is for the torch backend (torch.compile); backend {backend!r} has its own graph optimisation")
+    if quantization == TORCHAO_FP8:
+        if compile is False:
+            raise Jev4Error(f"quantization={TORCHAO_FP8!r} runs compiled only (its FP8 casts are fused by torch.compile); leave compile unset or True")
+        return compile if isinstance(compile, CompileSettings) else CompileSettings()
+    if isinstance(compile, CompileSettings):
+        return compile
+    return CompileSettings() if compile else None
 
 
 def _with_output_codec(encoder: Encoder, root: Path) -> Encoder:
