@@ -47,6 +47,10 @@ MODES = {"in-process": 0, "ray-1": 1, "ray-2": 2}  # mode -> Ray workers (0: no 
 BASELINE = "in-process"
 SAMPLE_S = 0.25
 WORKER_TITLE = "ShardEncoder"
+# Ray starts its workers at nice 15 (its raylet setting worker_niceness) and the in-process encoder runs at the
+# caller's priority: on a machine shared with other work that alone would slow the Ray modes, so the bench
+# starts them at nice 0 (an environment variable that the raylet reads); each worker's niceness is recorded.
+RAY_NICENESS_ENV = {"RAY_worker_niceness": "0"}
 GIB = 1024**3
 # The single-GPU figure the projection starts from: docs/benchmarks.md, "End to end on a mixed-length corpus",
 # FP8 path (docs/results/fast-path-h100.json, e2e.fp8_path.docs_per_s); a test checks that the two agree.
@@ -194,6 +198,7 @@ class _RaySampler(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.workers: dict[int, int] = {}  # pid -> last VmHWM read
+        self.niceness: set[int] = set()
         self.others_peak = 0
         self._stop_event = threading.Event()
 
@@ -208,6 +213,7 @@ class _RaySampler(threading.Thread):
                     title = " ".join(child.cmdline())
                     if WORKER_TITLE in title:
                         self.workers[child.pid] = max(self.workers.get(child.pid, 0), _hwm_bytes(child.pid))
+                        self.niceness.add(child.nice())
                     else:
                         others += child.memory_info().rss
                 except psutil.Error:
@@ -224,6 +230,7 @@ def _start_ray(threads: int) -> None:
     """A local cluster on loopback with ``threads`` CPUs; retried, as Ray gives its raylet a fixed 30 s to register."""
     import ray
 
+    os.environ.update(RAY_NICENESS_ENV)
     for attempt in range(1, 4):
         try:
             ray.init(num_cpus=threads, _node_ip_address="127.0.0.1", include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False)
@@ -293,6 +300,7 @@ def measure_mode(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_driver_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
         "peak_rss_workers_gib": sorted(v / GIB for v in sampler.workers.values()) if sampler else [],
         "peak_rss_other_ray_gib": sampler.others_peak / GIB if sampler else None,
+        "niceness": sorted(sampler.niceness) if sampler else [os.nice(0)],  # of the encoding processes
         "loadavg_1min": [load_before, os.getloadavg()[0]],
         "out": str(out),
     }
@@ -476,6 +484,7 @@ def run_corpus_bench(settings: CorpusBenchSettings) -> dict[str, Any]:
                 "peak RSS driver: ru_maxrss of the mode's own process (a fresh spawned interpreter)",
                 f"peak RSS per worker: VmHWM of each Ray worker process whose title names {WORKER_TITLE}, read every {SAMPLE_S} s by a driver thread",
                 "peak RSS other Ray: the largest sum of current RSS of the driver's other descendants (raylet, GCS, idle workers) at one read",
+                f"Ray workers started with {RAY_NICENESS_ENV} (Ray's default is nice 15); niceness: what the encoding processes ran at",
                 "loadavg_1min: the machine's 1-minute load before and after the mode (other work on the machine shows here)",
             ],
         }

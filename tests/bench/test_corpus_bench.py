@@ -82,6 +82,7 @@ def test_tiny_run_measures_in_process_and_ray_and_they_agree(tmp_path):
     assert rows["in-process"]["peak_rss_workers_gib"] == [] and rows["in-process"]["overhead_per_shard_s"] is None
     ray1 = rows["ray-1"]
     assert ray1["ray_init_s"] > 0 and ray1["threads_per_worker"] == 2 and ray1["startup_overhead_s"] is not None
+    assert ray1["niceness"] == rows["in-process"]["niceness"]  # Ray's workers at the driver's priority, not Ray's default nice 15
     assert len(ray1["peak_rss_workers_gib"]) == 1 and 0.05 < ray1["peak_rss_workers_gib"][0] < 4  # the one ShardEncoder actor was seen
     assert ray1["overhead_per_shard_s"] == pytest.approx(ray1["steady_s_per_shard"] - rows["in-process"]["steady_s_per_shard"])
     assert summary["identical_outputs"] == {"ray-1": True} and summary["all_identical"] is True
