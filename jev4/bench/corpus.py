@@ -553,7 +553,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-max-length", type=int, default=defaults.memory_max_length)
     parser.add_argument("--no-memory-ray", action="store_true", help="skip Ray with 2 workers on the largest memory corpus")
     parser.add_argument("--force", action="store_true", help="replace --out")
-    parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -583,6 +582,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jev4.bench.corpus", description=__doc__.splitlines()[0])
     add_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true")  # jev4's own parser has it already
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(parser.parse_args(argv))
 

@@ -190,6 +190,18 @@ def _bench_search(args: argparse.Namespace) -> int:
     return run_search_bench(args)
 
 
+def _corpus_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from jev4.bench.corpus import add_arguments
+
+    add_arguments(parser)
+
+
+def _bench_corpus(args: argparse.Namespace) -> int:
+    from jev4.bench.corpus import run
+
+    return run(args)
+
+
 def _bench_qat(args: argparse.Namespace) -> int:
     from jev4.qat.bench import run_qat_bench
 
@@ -535,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     qat_bench.add_argument("--steps", type=int, default=10)
     qat_bench.add_argument("--results", help="also write the figures to this JSON file")
     qat_bench.set_defaults(handler=_bench_qat)
+    corpus_bench = bench_sub.add_parser("corpus", parents=[common], help="jev4 encode --corpus in-process vs Ray with 1 and 2 workers, peak RSS per worker, 20k vs 200k memory, N-GPU projection (docs/distributed.md)")
+    _corpus_bench_arguments(corpus_bench)
+    corpus_bench.set_defaults(handler=_bench_corpus)
     return parser
 
 

@@ -48,6 +48,7 @@ from jev4.errors import Jev4Error
 
 log = logging.getLogger(__name__)
 
+
 @contextmanager
 def ray_connection(address: str) -> Iterator[None]:
     """This process's Ray connection: the one it has (``ray.is_initialized()``), else joined or started here and shut down on exit.
@@ -83,9 +84,9 @@ def _with_threads(job: EncodeJob, settings: CorpusEncodeSettings) -> EncodeJob:
     onnxruntime sizes its pool by the node's cores whatever Ray reserved, so
     N actors on N cores would run N x N threads.
     """
-    if job.threads is not None or settings.cpus_per_worker < 1:
-        return job
-    return dataclasses.replace(job, threads=int(settings.cpus_per_worker))
+    if job.threads is not None or not settings.cpus_per_worker:
+        return job  # a GPU-only worker (0 CPUs) keeps its engine's default
+    return dataclasses.replace(job, threads=max(1, int(settings.cpus_per_worker)))  # a fraction of a CPU still runs one thread
 
 
 def _worker_error(error_type: str, message: str) -> Jev4Error:

@@ -69,3 +69,13 @@ def test_ray_finishes_a_job_that_started_in_process(ray_cluster, reference_run, 
     after = shard_stats(out)
     assert {k: after[k] for k in kept} == kept and len(after) == 8
     _same_as_reference(out, reference_run)
+
+
+@pytest.mark.parametrize(("cpus", "gpus", "threads", "expected"), [(1.0, 0.0, None, 1), (2.0, 0.0, None, 2), (0.5, 0.0, None, 1), (0.0, 1.0, None, None), (2.0, 0.0, 3, 3)])
+def test_each_actor_engine_gets_its_cpu_share_of_threads(make_settings, tmp_path, cpus, gpus, threads, expected):
+    from jev4.encode.ray_runner import _with_threads
+    from jev4.encode.shard_encoder import EncodeJob
+
+    settings = make_settings(tmp_path / "emb", ray="auto", cpus_per_worker=cpus, gpus_per_worker=gpus, threads=threads)
+    job = EncodeJob(model="m", out="o", sources=(), task="retrieval", prompt="passage", truncate_dim=None, multivector=False, output_precision=None, max_length=8, batch_size=1, dtype="fp32", device="cpu", provider="cpu", threads=threads)
+    assert _with_threads(job, settings).threads == expected  # onnxruntime would otherwise size its pool by the node's cores
