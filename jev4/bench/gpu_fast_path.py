@@ -16,7 +16,17 @@ and memory do not depend on weight values):
    - ``torch-fp8``: ``jev4.runtime.torch_fp8``: row-wise FP8 GEMMs
      (``torch._scaled_mm``) for the language model's Linear layers;
    - ``torch-bf16-compile`` / ``torch-fp8-compile``: the same under
-     ``torch.compile(dynamic=True)`` (opt-in: compiling takes minutes).
+     ``torch.compile(dynamic=True)`` (opt-in: compiling takes minutes);
+   - ``torch-bf16-bucketed``: the bf16 reference through
+     ``jev4.runtime.torch_compiled`` (``torch.compile`` at static bucket
+     shapes, CUDA graphs on CUDA): issue 17's compiled reference;
+   - ``torch-fp8-torchao``: torchao's row-wise FP8
+     (``jev4.runtime.torchao_fp8``) under the same bucketed compile (CUDA
+     only: recorded under ``skipped_modes`` elsewhere).
+
+   Bucketed modes compile each point before its clock starts; the seconds
+   are reported apart (``compile_seconds``), and ``compiled_points`` limits
+   them to a few points (each compile of the full model takes minutes).
 
 2. **End to end on a mixed-length corpus** (real encode calls, tokenisation
    included): the FP8 path with length-sorted batches (``Encoder.encode_text``)
@@ -32,6 +42,11 @@ EP failed with an illegal memory access that left the CUDA context unusable,
 which took every later mode down with it. ``ort-fp16`` points whose O(T^2)
 attention scores would not fit the free device memory are skipped up front
 (``ort_skip_reason``) and listed under ``failures``.
+
+3. **Targets** (issue 17, ``jev4.bench.fast_path_targets``): FP8 tokens/s
+   over eager bf16 at 32 x 512 (>= 1.6x), bf16 batch 1 x 128 p50 latency
+   (<= 10 ms), and each FP8 mode's nDCG@10 delta on the built-in sets
+   (``ndcg_sets``; tiny checkpoint, threshold 2 / queries), met or not.
 
 ``--device cpu --tiny`` runs everything on the toy model, so that the code
 is exercised without a GPU (the numbers mean nothing). Results go to
@@ -63,8 +78,11 @@ from jev4.errors import Jev4Error
 
 log = logging.getLogger(__name__)
 
-MODES = ("torch-bf16", "ort-fp16", "torch-fp8", "torch-bf16-compile", "torch-fp8-compile")
+MODES = ("torch-bf16", "ort-fp16", "torch-fp8", "torch-bf16-compile", "torch-fp8-compile", "torch-bf16-bucketed", "torch-fp8-torchao")
 DEFAULT_MODES = ("torch-bf16", "ort-fp16", "torch-fp8")
+ROUND2_MODES = ("torch-bf16", "torch-bf16-bucketed", "torch-fp8", "torch-fp8-torchao")  # issue 17's comparison
+BUCKETED_MODES = ("torch-bf16-bucketed", "torch-fp8-torchao")
+GPU_ONLY_MODES = ("torch-fp8-torchao",)
 # Datasheet dense peaks (TFLOP/s): (name substring, bf16, fp8). First match wins, so specific names come first.
 GPU_PEAKS: tuple[tuple[str, float, float | None], ...] = (
     ("H100 PCIe", 756.0, 1513.0),
@@ -102,11 +120,24 @@ class FastPathSettings:
     corpus_batch: int = 32
     task: str = "retrieval"
     workdir: str | None = None
+    compiled_points: tuple[tuple[int, int], ...] | None = None  # bucketed modes: these (batch, seq) only; None: the whole grid
+    compile_backend: str = "inductor"  # torch.compile backend of the bucketed modes (tests on CPU: "aot_eager")
+    e2e_modes: tuple[str, ...] = ()  # extra end-to-end rows (length-sorted encode_text) besides the FP8 path
+    e2e_length_buckets: tuple[int, ...] = (512, 2048)  # bucketed e2e rows: the corpus batch size x these lengths
+    ndcg_sets: tuple[str, ...] = ()  # built-in sets for the FP8 nDCG@10 delta (tiny checkpoint); empty: not run
+    ndcg_queries: int = 30
+    ndcg_docs: int = 100
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.modes if m not in MODES]
+        unknown = [m for m in self.modes + self.e2e_modes if m not in MODES]
         if unknown:
             raise BenchSettingsError(f"unknown mode(s) {unknown}; choose from {MODES}")
+        if "ort-fp16" in self.e2e_modes:
+            raise BenchSettingsError("e2e_modes are torch modes; ort-fp16 has no end-to-end row")
+        if self.compiled_points is not None:
+            missing = [p for p in self.compiled_points if p[0] not in self.batches or p[1] not in self.seqs]
+            if missing:
+                raise BenchSettingsError(f"compiled points {missing} are not on the grid (batches {self.batches}, seqs {self.seqs})")
         if self.iters < 1 or self.warmup < 0 or not self.batches or not self.seqs:
             raise BenchSettingsError("need iters >= 1, warmup >= 0 and at least one batch size and sequence length")
         if torch.device(self.device).type == "cpu" and not self.tiny:
@@ -197,7 +228,11 @@ def _torch_network(spec, mode: str, dtype: str, device: torch.device):
     net = random_network(spec, dtype=dtype, device=str(device))
     del net.model.visual  # text benchmark: keep the vision tower out of the memory figures
     net.model.visual = None
-    if mode.startswith("torch-fp8"):
+    if mode == "torch-fp8-torchao":
+        from jev4.runtime.torchao_fp8 import quantize_model_torchao_fp8
+
+        quantize_model_torchao_fp8(net)
+    elif mode.startswith("torch-fp8"):
         quantize_model_fp8(net)
     if mode.endswith("-compile"):
         compile_language_model(net)
@@ -244,6 +279,71 @@ def _torch_points(spec, mode: str, settings: FastPathSettings, dtype: str, devic
             points.append(_point(mode, batch, seq, times, mem, flops, peak))
             _log_point(points[-1])
     net = None  # free the weights before the next mode builds its own
+    _free(device)
+    return points
+
+
+def gpu_only_skip_reason(mode: str, device: torch.device) -> str | None:
+    """Why ``mode`` cannot run on ``device`` (recorded under ``skipped_modes``), or None."""
+    if mode not in GPU_ONLY_MODES:
+        return None
+    if device.type != "cuda":
+        return f"skipped: {mode} runs torchao's float8 kernels on a CUDA GPU (compute capability >= 8.9); device is {device.type}"
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        from jev4.runtime.torchao_fp8 import TORCHAO_PIP
+
+        return f"skipped: {mode} needs torchao ({TORCHAO_PIP}; scripts/gpu-check.sh installs it from $WHEELS)"
+    return None
+
+
+def _bucketed_points(
+    spec, mode: str, settings: FastPathSettings, dtype: str, device: torch.device, peaks: dict, failures: list, compile_seconds: dict
+) -> list[EncodePoint]:
+    """A bucketed mode on its points: compile each (timed apart, into ``compile_seconds``), then time the compiled step."""
+    from jev4.model.preprocess import ModelInputs, text_position_ids
+    from torch._dynamo.utils import counters
+
+    from jev4.runtime.torch_compiled import BucketedForward, CompileSettings
+
+    wanted = settings.compiled_points or tuple((b, s) for b in settings.batches for s in settings.seqs)
+    net = _torch_network(spec, mode, dtype, device)
+    compile_settings = CompileSettings(
+        batch_buckets=tuple(sorted({b for b, _ in wanted})), length_buckets=tuple(sorted({s for _, s in wanted})), backend=settings.compile_backend
+    )
+    runner = BucketedForward(net, compile_settings, device, pad_token_id=0)
+    kv_dim = spec.hidden_size // spec.heads * spec.kv_heads
+    peak = peaks["fp8"] if "fp8" in mode else peaks["bf16"]
+    seconds = compile_seconds.setdefault(mode, {})
+    points = []
+    for batch, seq in wanted:
+        gen = torch.Generator().manual_seed(batch * 100_003 + seq)
+        ids = torch.randint(0, 600 if settings.tiny else 150_000, (batch, seq), generator=gen)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        inputs = ModelInputs(ids, mask, text_position_ids(mask), mask.clone())
+        try:
+            seconds[f"{batch}x{seq}"] = runner.warm_up([(batch, seq)])[(batch, seq)]
+            # As an encode passes them (pad_to_bucket under inference mode): inference tensors, two separate masks.
+            # Anything else (a normal tensor, one tensor passed twice) fails a guard and recompiles.
+            with torch.inference_mode():
+                on_device = ModelInputs(*(t.to(device).clone() for t in (ids, mask, inputs.position_ids, mask)))
+            graphs = counters["stats"]["unique_graphs"]
+            times = _time(partial(runner.run_bucket, on_device), device, settings.warmup, settings.iters, None, batch)
+            if counters["stats"]["unique_graphs"] != graphs:  # the timings would include a compile: say so
+                log.warning("%s b=%d s=%d: recompiled while timed", mode, batch, seq)
+                failures.append({"mode": mode, "batch": batch, "seq": seq, "error": "recompiled inside the timed calls: its timings include a compile"})
+        except torch.OutOfMemoryError as exc:
+            log.warning("%s b=%d s=%d: out of memory", mode, batch, seq)
+            failures.append({"mode": mode, "batch": batch, "seq": seq, "error": f"out of memory: {str(exc).splitlines()[0]}"})
+            _free(device)
+            continue
+        mem = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else 0.0
+        flops = text_flops_per_token(spec.hidden_size, spec.layers, spec.intermediate_size, kv_dim, seq, spec.multi_vector_dim)
+        points.append(_point(mode, batch, seq, times, mem, flops, peak))
+        _log_point(points[-1])
+        log.info("%s %dx%d: compile %.1f s (not in the timings)", mode, batch, seq, seconds[f"{batch}x{seq}"])
+    runner = net = None
     _free(device)
     return points
 
@@ -408,7 +508,62 @@ def _timed(device: torch.device, fn: Callable[[], object]) -> tuple[object, floa
     return result, time.perf_counter() - started
 
 
-def run_corpus_comparison(spec, config, settings: FastPathSettings, device: torch.device, dtype: str) -> dict:
+def _e2e_row(mode: str, spec, config, preprocessor, loras: dict, texts: list[str], settings: FastPathSettings, device: torch.device, dtype: str) -> dict:
+    """One more end-to-end row: ``mode``'s network (merged, same base weights), length-sorted ``encode_text``.
+
+    A bucketed mode first compiles every corpus bucket (``settings.corpus_batch``
+    x ``settings.e2e_length_buckets``; seconds reported apart), so the timed
+    run hits compiled graphs only; lengths past the last bucket run eagerly
+    and are counted (``eager_batches``).
+    """
+    from jev4.export.merge import merge_into_network
+    from jev4.model.encoder import TorchEncoder
+    from jev4.model.synthetic import random_network
+    from jev4.runtime.torch_compiled import CompileSettings, CompiledTorchEncoder
+
+    net = random_network(spec, dtype=dtype, device=str(device))  # the same seed: the same base weights
+    merge_into_network(net, {m: per_task[settings.task] for m, per_task in loras.items()})
+    if mode == "torch-fp8-torchao":
+        from jev4.runtime.torchao_fp8 import quantize_model_torchao_fp8
+
+        quantize_model_torchao_fp8(net)
+    elif mode.startswith("torch-fp8"):
+        from jev4.runtime.torch_fp8 import quantize_model_fp8
+
+        quantize_model_fp8(net)
+    merged = dataclasses.replace(config, merged_task=settings.task)
+    batch, max_length = settings.corpus_batch, settings.corpus_max_length
+    row: dict = {"mode": mode, "batch_size": batch, "length_sorted": True, "lora": "merged"}
+    if mode in BUCKETED_MODES:
+        compile_settings = CompileSettings(batch_buckets=(batch,), length_buckets=settings.e2e_length_buckets, backend=settings.compile_backend)
+        encoder = CompiledTorchEncoder(net, merged, preprocessor, device, compile_settings)
+        row["compile_seconds"] = {f"{b}x{t}": sec for (b, t), sec in encoder.warm_up().items()}
+    else:
+        encoder = TorchEncoder(net, merged, preprocessor, None, device)
+        if mode.endswith("-compile"):
+            from jev4.runtime.torch_quantized import compile_language_model
+
+            compile_language_model(net)
+    encode = partial(encoder.encode_text, texts, task=settings.task, prompt_name="passage", batch_size=batch, max_length=max_length)
+    encoder.encode_text(texts[:batch], task=settings.task, prompt_name="passage", batch_size=batch, max_length=max_length)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before = dict(encoder.stats.calls) if mode in BUCKETED_MODES else {}
+    eager_before = encoder.stats.eager_calls if mode in BUCKETED_MODES else 0
+    vectors, seconds = _timed(device, encode)
+    positions = _sorted_positions(encoder, texts, settings.task, batch, max_length)
+    if mode in BUCKETED_MODES:  # what the compiled graphs computed, bucket padding included
+        calls = {bucket: n - before.get(bucket, 0) for bucket, n in encoder.stats.calls.items()}
+        row["eager_batches"] = encoder.stats.eager_calls - eager_before
+        row["bucket_calls"] = {f"{b}x{t}": n for (b, t), n in calls.items() if n}
+        row["bucket_token_positions"] = sum(b * t * n for (b, t), n in calls.items())
+    row.update(seconds=seconds, positions=positions, peak=torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else 0.0)
+    encoder = net = None
+    _free(device)
+    return row, vectors
+
+
+def run_corpus_comparison(spec, config, settings: FastPathSettings, device: torch.device, dtype: str, skip: dict[str, str] | None = None) -> dict:
     """FP8 path (merged, quantized, length-sorted) vs upstream-style (unmerged fp32 LoRA, input order, batch 8)."""
     from jev4.export.merge import merge_into_network
     from jev4.model.adapters import AdapterSet, LoraSettings, TaskLora
@@ -460,6 +615,14 @@ def run_corpus_comparison(spec, config, settings: FastPathSettings, device: torc
     cosine = torch.nn.functional.cosine_similarity(fast_vectors.double(), up_vectors.double(), dim=-1)
     fast = net = None
     _free(device)
+    extra = []
+    for mode in settings.e2e_modes:
+        if mode in (skip or {}):
+            extra.append({"mode": mode, "skipped": skip[mode]})
+            continue
+        row, vectors = _e2e_row(mode, spec, config, preprocessor, loras, texts, settings, device, dtype)
+        row["cosine_to_upstream_mean"] = torch.nn.functional.cosine_similarity(vectors.double(), up_vectors.double(), dim=-1).mean().item()
+        extra.append(row)
 
     def side(seconds: float, positions: int, peak: float, **extra) -> dict:
         return {
@@ -485,6 +648,23 @@ def run_corpus_comparison(spec, config, settings: FastPathSettings, device: torc
         "speedup_docs_per_s": fast_side["docs_per_s"] / upstream_side["docs_per_s"],
         "fp8_vs_upstream_cosine_mean": cosine.mean().item(),
         "fp8_vs_upstream_cosine_min": cosine.min().item(),
+        "rows": [row if "skipped" in row else _e2e_side(row, len(texts), real_tokens, up_seconds, dtype) for row in extra],
+    }
+
+
+def _e2e_side(row: dict, docs: int, real_tokens: int, upstream_seconds: float, dtype: str) -> dict:
+    """An extra end-to-end row in the same terms as the FP8 path's side, plus its speed-up over upstream-style."""
+    extra = {k: v for k, v in row.items() if k not in ("seconds", "positions", "peak")}
+    return {
+        **extra,
+        "seconds": row["seconds"],
+        "docs_per_s": docs / row["seconds"],
+        "tokens_per_s": real_tokens / row["seconds"],
+        "token_positions": row["positions"],
+        "padding_fraction": 1 - real_tokens / row["positions"],
+        "peak_mem_gib": row["peak"],
+        "dtype": dtype if "fp8" not in row["mode"] else f"fp8 GEMMs, {dtype} rest",
+        "speedup_docs_per_s_vs_upstream": upstream_seconds / row["seconds"],
     }
 
 
@@ -529,7 +709,48 @@ def markdown(results: dict) -> str:
             f"FP8 path / upstream-style: **{e2e['speedup_docs_per_s']:.2f}x** docs/s. Cosine FP8 vs upstream-style (same random weights): "
             f"mean {e2e['fp8_vs_upstream_cosine_mean']:.4f}, min {e2e['fp8_vs_upstream_cosine_min']:.4f}.",
         ]
+        lines += _e2e_rows_markdown(e2e.get("rows", []))
+    lines += _round2_markdown(results)
     return "\n".join(lines) + "\n"
+
+
+def _e2e_rows_markdown(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "| mode (length-sorted, merged) | batch | seconds | docs/s | tokens/s | vs upstream-style | compile s (apart) | eager batches |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['mode']} | | | | | | | {r['skipped']} |")
+            continue
+        compiled = sum(r.get("compile_seconds", {}).values())
+        lines.append(
+            f"| {r['mode']} | {r['batch_size']} | {r['seconds']:.2f} | {r['docs_per_s']:,.1f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['speedup_docs_per_s_vs_upstream']:.2f}x | {compiled:.1f} | {r.get('eager_batches', 0)} |"
+        )
+    return lines
+
+
+def _round2_markdown(results: dict) -> list[str]:
+    """Compile seconds, skipped modes, and issue 17's targets (met or not)."""
+    lines: list[str] = []
+    for mode, per_point in (results.get("compile_seconds") or {}).items():
+        lines += ["", f"Compile seconds, {mode} (not in the timings): " + ", ".join(f"{k} {v:.1f}" for k, v in per_point.items())]
+    for skipped in results.get("skipped_modes") or []:
+        lines += ["", f"- {skipped['mode']}: {skipped['reason']}"]
+    targets = results.get("targets")
+    if not targets:
+        return lines
+    lines += ["", "## Targets (issue 17)", ""]
+    for row in targets["fp8_speedup_32x512"]:
+        got = row.get("missing") or f"{row['ratio']:.2f}x ({row['tokens_per_s']:,.0f} vs {row['reference_tokens_per_s']:,.0f} tokens/s): {'met' if row['met'] else 'not met'}"
+        lines.append(f"- {row['mode']} / torch-bf16 at 32x512, target >= {row['target']}x: {got}")
+    for row in targets["bf16_latency_1x128"]:
+        got = row.get("missing") or f"p50 {row['p50_ms']:.1f} ms: {'met' if row['met'] else 'not met'}"
+        lines.append(f"- {row['mode']} latency at 1x128, target <= {row['target_ms']} ms: {got}")
+    for row in targets["fp8_ndcg10_delta"]:
+        got = row.get("skipped") or f"{row['delta']:+.4f} (threshold {row['threshold']:.4f}): {'met' if row['met'] else 'not met'}"
+        lines.append(f"- {row['mode']} nDCG@10 delta on {row['dataset']}: {got}")
+    return lines
 
 
 def _ort_mode(spec, config, settings: FastPathSettings, device: torch.device, peaks: dict, failures: list, timings: dict) -> list[EncodePoint]:
@@ -553,6 +774,7 @@ def _sync_quietly(device: torch.device) -> None:
 def run_fast_path(settings: FastPathSettings, out: Path, force: bool = False) -> dict:
     """Measure everything ``settings`` asks for and write fast-path.json/.md/.png into ``out``."""
     from jev4.atomic import atomic_output_dir, check_output_path
+    from jev4.bench.fast_path_targets import target_report
     from jev4.bench.report import plot_encode
     from jev4.model.config import parse_config
     from jev4.model.synthetic import full_size_config
@@ -573,15 +795,29 @@ def run_fast_path(settings: FastPathSettings, out: Path, force: bool = False) ->
     points: list[EncodePoint] = []
     failures: list[dict] = []
     timings: dict[str, float] = {}
-    for mode in (m for m in settings.modes if m != "ort-fp16"):
+    compile_seconds: dict[str, dict[str, float]] = {}
+    skip = {m: r for m in dict.fromkeys(settings.modes + settings.e2e_modes) if (r := gpu_only_skip_reason(m, device))}
+    for mode, reason in skip.items():
+        log.warning("%s", reason)
+    for mode in (m for m in settings.modes if m != "ort-fp16" and m not in skip):
         started = time.perf_counter()
-        points += _torch_points(spec, mode, settings, dtype, device, peaks, failures)
+        if mode in BUCKETED_MODES:
+            points += _bucketed_points(spec, mode, settings, dtype, device, peaks, failures, compile_seconds)
+        else:
+            points += _torch_points(spec, mode, settings, dtype, device, peaks, failures)
         timings[f"{mode}_s"] = time.perf_counter() - started
     e2e = None
     if settings.corpus_docs:
         started = time.perf_counter()
-        e2e = run_corpus_comparison(spec, config, settings, device, dtype)
+        e2e = run_corpus_comparison(spec, config, settings, device, dtype, skip)
         timings["e2e_s"] = time.perf_counter() - started
+    ndcg: list[dict] = []
+    if settings.ndcg_sets:
+        from jev4.bench.fast_path_targets import fp8_ndcg_rows
+
+        started = time.perf_counter()
+        ndcg = fp8_ndcg_rows(settings.modes, settings.ndcg_sets, str(device), settings.ndcg_queries, settings.ndcg_docs, skip)
+        timings["ndcg_s"] = time.perf_counter() - started
     if "ort-fp16" in settings.modes:  # last: a CUDA EP crash can leave the CUDA context unusable for whatever follows
         started = time.perf_counter()
         points += _ort_mode(spec, config, settings, device, peaks, failures, timings)
@@ -598,11 +834,17 @@ def run_fast_path(settings: FastPathSettings, out: Path, force: bool = False) ->
         "failures": failures,
         "e2e": e2e,
         "timings": timings,
+        "compile_seconds": compile_seconds,
+        "skipped_modes": [{"mode": m, "reason": r} for m, r in skip.items()],
+        "ndcg": ndcg,
+        "targets": target_report([asdict(p) for p in points], ndcg),
         "notes": [
             "timing: forward + pooling on device-resident inputs; CUDA events (torch), wall clock around run_with_iobinding (onnxruntime)",
             "peak_mem_gib: torch max_memory_allocated; onnxruntime: device memory in use above the pre-session baseline (cudaMemGetInfo); 0 on CPU",
             "MFU: tokens/s x (2 x matmul params + causal attention FLOPs) per token / datasheet dense peak; the FP8 mode is measured against the FP8 peak",
             "grid networks are text-only (vision tower dropped), so their memory is ~1.3 GiB (bf16) below `jev4 bench encode`'s; the e2e networks keep it",
+            "bucketed modes: each point is one bucket, compiled before its clock starts; compile_seconds holds those compiles (first call, plus the CUDA-graph recording call on CUDA)",
+            "ndcg: the tiny checkpoint (toy weights: full-size random weights make nDCG meaningless), task code, single vectors at full dim, fp32 reference; threshold 2 / queries",
         ],
     }
     _sync_quietly(device)
@@ -612,6 +854,30 @@ def run_fast_path(settings: FastPathSettings, out: Path, force: bool = False) ->
         if points:
             plot_encode(results, tmp / "fast-path.png")
     return results
+
+
+def parse_points(text: str) -> tuple[tuple[int, int], ...]:
+    """``"1x128,32x512"`` -> ((1, 128), (32, 512))."""
+    try:
+        return tuple((int(b), int(t)) for b, t in (item.strip().split("x") for item in text.split(",") if item.strip()))
+    except ValueError:
+        raise BenchSettingsError(f"points must look like 1x128,32x512 (batch x seq), got {text!r}") from None
+
+
+def _round2_args(args: argparse.Namespace) -> dict:
+    """Issue 17's options, from the flags jev4/cli/main.py defines (absent flags keep FastPathSettings' defaults)."""
+    out: dict = {}
+    if getattr(args, "compiled_points", None):
+        out["compiled_points"] = parse_points(args.compiled_points)
+    if getattr(args, "compile_backend", None):
+        out["compile_backend"] = args.compile_backend
+    if getattr(args, "e2e_modes", None):
+        out["e2e_modes"] = tuple(m.strip() for m in args.e2e_modes.split(",") if m.strip())
+    if getattr(args, "e2e_length_buckets", None):
+        out["e2e_length_buckets"] = tuple(int(x) for x in args.e2e_length_buckets.split(","))
+    if getattr(args, "ndcg_sets", None):
+        out["ndcg_sets"] = tuple(x.strip() for x in args.ndcg_sets.split(",") if x.strip())
+    return out
 
 
 def run_fast_path_bench(args: argparse.Namespace) -> int:
@@ -629,6 +895,7 @@ def run_fast_path_bench(args: argparse.Namespace) -> int:
         corpus_batch=args.corpus_batch,
         task=args.task,
         workdir=args.workdir,
+        **_round2_args(args),
     )
     if args.export_only:
         if not args.workdir:
