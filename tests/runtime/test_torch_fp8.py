@@ -5,7 +5,6 @@ speed is checked here; the same parity bodies run on CUDA where there is one.
 Measured numbers are printed (``pytest -s``) and attached as user properties.
 """
 
-import math
 
 import pytest
 import torch
@@ -304,20 +303,32 @@ def test_fp8_encoder_matches_reference(runtime_source, runtime_reference, images
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp8_retrieval_ndcg_delta(runtime_source, runtime_reference, device, record_property):
-    """nDCG@10 of the FP8 path vs the reference on the built-in stdlib-code set (tiny random model: near chance)."""
+    """The FP8 path ranks the built-in stdlib-code set as the reference does.
+
+    The tiny random model retrieves near chance (reference nDCG@10 ~0.01), so
+    an nDCG delta bound could not fail; what is checked is the ranking
+    itself: the top-10 documents per query and the query x document scores.
+    Measured on CPU: top-10 overlap 0.927, score correlation 0.9988.
+    """
+    import numpy as np
+
     from jev4.datasets import resolve_dataset
-    from jev4.validate.retrieval import run_retrieval
+    from jev4.validate.metrics import retrieval_metrics, topk_overlap
+    from jev4.validate.retrieval import encode_dataset
 
     dtype = "bf16" if device == "cuda" else "fp32"
     enc = rt.load(runtime_source, backend="torch", quantization="fp8", task="code", device=device, dtype=dtype)
     data = resolve_dataset("stdlib-code", max_queries=30, max_docs=100)
-    results = run_retrieval(runtime_reference, enc, data, "code", multivector=False, batch_size=32, max_length=128, progress=False)
-    full = next(r for r in results if r.scoring == "single" and r.dim == runtime_reference.config.hidden_size)
-    delta = full.delta["ndcg@10"]
-    print(f"fp8 {device} stdlib-code ({full.queries} queries): nDCG@10 reference {full.reference['ndcg@10']:.4f}, fp8 {full.artifact['ndcg@10']:.4f}, delta {delta:+.4f}")
-    record_property(f"{device}_ndcg10_delta", delta)
-    assert math.isfinite(delta)
-    assert abs(delta) <= 2 / full.queries  # at most two queries' worth of rank changes
+    scores = {}
+    for name, encoder in (("reference", runtime_reference), ("fp8", enc)):
+        encoded = encode_dataset(encoder, data, "code", False, 32, 128, False)
+        scores[name] = encoded.queries @ encoded.documents.T
+    overlap = topk_overlap(scores["reference"], scores["fp8"], k=10)
+    correlation = float(np.corrcoef(scores["reference"].ravel(), scores["fp8"].ravel())[0, 1])
+    ndcg = {name: retrieval_metrics(s, data.qrels)["ndcg@10"] for name, s in scores.items()}
+    print(f"fp8 {device} stdlib-code: top-10 overlap {overlap:.3f}, score correlation {correlation:.5f}, nDCG@10 {ndcg['reference']:.4f} -> {ndcg['fp8']:.4f}")
+    record_property(f"{device}_top10_overlap", overlap)
+    assert overlap >= 0.85 and correlation >= 0.995
 
 
 def test_merged_checkpoint_needs_no_task(tmp_path, runtime_source, runtime_reference):
@@ -384,11 +395,15 @@ def test_other_devices_are_refused(monkeypatch):
 # ---------------------------------------------------------------- GPU only
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine; runs on the GPU host")
-def test_fp8_compiled_matches_eager(runtime_source):
-    eager = load_quantized(runtime_source, "fp8", task="retrieval", device="cuda")
-    compiled = load_quantized(runtime_source, "fp8", task="retrieval", device="cuda", compile=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_compiled_matches_eager(runtime_source, device):
+    """torch.compile of the FP8 network computes what eager does (measured on CPU: min cosine 0.99924, ~30 s with the compile).
+
+    Not exactly: inductor fuses the activation amax and scaling, and a value
+    near an FP8 rounding boundary can land on the other side.
+    """
+    eager = load_quantized(runtime_source, "fp8", task="retrieval", device=device)
+    compiled = load_quantized(runtime_source, "fp8", task="retrieval", device=device, compile=True)
     assert _cos(compiled.encode_text(TEXTS), eager.encode_text(TEXTS)).min() >= 0.999
 
 
