@@ -127,3 +127,69 @@ def test_calib_data_problems_name_the_file_before_any_model_loads(tmp_path):
     binary_later.write_bytes(b"\xff\xfe")  # changed after the settings were checked
     with pytest.raises(EmbeddingQuantError, match=re.escape(f"{binary_later}: not a UTF-8 text file")):
         calibration_documents(settings)
+
+
+def _reference_int8(x: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """int8 codes by the documented formula, written out here (no jev4 codec): round onto 256 levels, minus 128."""
+    steps = (upper.astype(np.float64) - lower) / 255
+    steps[steps == 0] = 1
+    return (np.clip(np.rint((x.astype(np.float64) - lower) / steps), 0, 255) - 128).astype(np.int8)
+
+
+def _check_multi_codes(codes, floats, stored, precision):
+    """Each document's codes equal the codec applied to that document's float rows, one row at a time."""
+    assert len(codes) == len(floats)
+    row_codec = EmbeddingCodec(precision, stored.multi if precision in ("int8", "int4") else None)
+    for doc, (got, want) in enumerate(zip(codes, floats)):
+        want = want.numpy()
+        assert got.shape == (want.shape[0], row_codec.bytes_per_vector(want.shape[1])), doc
+        for row in range(want.shape[0]):
+            np.testing.assert_array_equal(got[row], row_codec.encode(want[row]), err_msg=f"document {doc}, token {row}")
+    if precision == "int8":  # and the values themselves, by the formula, for the whole output
+        lower, upper = stored.multi.lower, stored.multi.upper
+        for got, want in zip(codes, floats):
+            # float64 and float32 rounding can differ only on an exact .5 tie; allow one level there, nowhere else
+            diff = np.abs(got.astype(np.int16) - _reference_int8(want.numpy(), lower, upper))
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    if precision == "ubinary":
+        for got, want in zip(codes, floats):
+            np.testing.assert_array_equal(got, np.packbits(want.numpy() > 0, axis=-1))
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4", "ubinary"])
+def test_runtime_multivector_codes_are_the_codec_row_by_row(int8_artifact, precision):
+    encoder = rt.load(int8_artifact)
+    floats = encoder.encode_text(TEXTS, return_multivector=True, prompt_name="passage")
+    codes = encoder.encode_text(TEXTS, return_multivector=True, prompt_name="passage", output_precision=precision)
+    assert len({f.shape[0] for f in floats}) > 1  # documents of different token counts
+    _check_multi_codes(codes, floats, OutputCodec.read(int8_artifact), precision)
+
+
+def test_runtime_int8_multivector_codes_decode_near_the_floats(int8_artifact):
+    """Dequantised codes sit within half a grid step of each in-range float (a check that does not re-encode)."""
+    encoder = rt.load(int8_artifact)
+    stored = OutputCodec.read(int8_artifact)
+    floats = np.concatenate([f.numpy() for f in encoder.encode_text(TEXTS, return_multivector=True)])
+    codes = np.concatenate(encoder.encode_text(TEXTS, return_multivector=True, output_precision="int8"))
+    decoded = EmbeddingCodec("int8", stored.multi).decode(codes)
+    step = (stored.multi.upper - stored.multi.lower) / 255
+    inside = (floats >= stored.multi.lower) & (floats <= stored.multi.upper)
+    assert inside.mean() > 0.5
+    assert np.all(np.abs(decoded - floats)[inside] <= (step / 2 + 1e-6)[np.nonzero(inside)[1]])
+
+
+def test_runtime_image_codes(int8_artifact, images):
+    encoder = rt.load(int8_artifact)
+    stored = OutputCodec.read(int8_artifact)
+    floats = encoder.encode_image(images).numpy()
+    codes = encoder.encode_image(images, output_precision="int8")
+    assert codes.dtype == np.int8 and codes.shape == (len(images), 64)
+    np.testing.assert_array_equal(codes, _reference_int8(floats, stored.single.lower, stored.single.upper))
+    small = encoder.encode_image(images, truncate_dim=16, output_precision="int8")
+    np.testing.assert_array_equal(small, EmbeddingCodec("int8", stored.single, truncate_dim=16).encode(encoder.encode_image(images, truncate_dim=16).numpy()))
+    bits = encoder.encode_image(images, output_precision="binary")
+    np.testing.assert_array_equal(bits, (np.packbits(floats > 0, axis=-1).astype(np.int16) - 128).astype(np.int8))
+    multi_floats = encoder.encode_image(images, return_multivector=True)
+    for precision in ("int8", "ubinary"):
+        multi = encoder.encode_image(images, return_multivector=True, output_precision=precision)
+        _check_multi_codes(multi, multi_floats, stored, precision)
