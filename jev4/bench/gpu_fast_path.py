@@ -122,6 +122,7 @@ class FastPathSettings:
     workdir: str | None = None
     compiled_points: tuple[tuple[int, int], ...] | None = None  # bucketed modes: these (batch, seq) only; None: the whole grid
     compile_backend: str = "inductor"  # torch.compile backend of the bucketed modes (tests on CPU: "aot_eager")
+    compile_scope: str = "network"  # CompileSettings.scope: "network" (one graph) or "layers" (regional: ~36x less compile time)
     e2e_modes: tuple[str, ...] = ()  # extra end-to-end rows (length-sorted encode_text) besides the FP8 path
     e2e_length_buckets: tuple[int, ...] = (512, 2048)  # bucketed e2e rows: the corpus batch size x these lengths
     ndcg_sets: tuple[str, ...] = ()  # built-in sets for the FP8 nDCG@10 delta (tiny checkpoint); empty: not run
@@ -310,7 +311,10 @@ def _bucketed_points(
     wanted = settings.compiled_points or tuple((b, s) for b in settings.batches for s in settings.seqs)
     net = _torch_network(spec, mode, dtype, device)
     compile_settings = CompileSettings(
-        batch_buckets=tuple(sorted({b for b, _ in wanted})), length_buckets=tuple(sorted({s for _, s in wanted})), backend=settings.compile_backend
+        batch_buckets=tuple(sorted({b for b, _ in wanted})),
+        length_buckets=tuple(sorted({s for _, s in wanted})),
+        backend=settings.compile_backend,
+        scope=settings.compile_scope,
     )
     runner = BucketedForward(net, compile_settings, device, pad_token_id=0)
     kv_dim = spec.hidden_size // spec.heads * spec.kv_heads
@@ -535,7 +539,9 @@ def _e2e_row(mode: str, spec, config, preprocessor, loras: dict, texts: list[str
     batch, max_length = settings.corpus_batch, settings.corpus_max_length
     row: dict = {"mode": mode, "batch_size": batch, "length_sorted": True, "lora": "merged"}
     if mode in BUCKETED_MODES:
-        compile_settings = CompileSettings(batch_buckets=(batch,), length_buckets=settings.e2e_length_buckets, backend=settings.compile_backend)
+        compile_settings = CompileSettings(
+            batch_buckets=(batch,), length_buckets=settings.e2e_length_buckets, backend=settings.compile_backend, scope=settings.compile_scope
+        )
         encoder = CompiledTorchEncoder(net, merged, preprocessor, device, compile_settings)
         row["compile_seconds"] = {f"{b}x{t}": sec for (b, t), sec in encoder.warm_up().items()}
     else:
@@ -856,6 +862,35 @@ def run_fast_path(settings: FastPathSettings, out: Path, force: bool = False) ->
     return results
 
 
+def round2_settings(device: str = "cuda", tiny: bool = False, scope: str = "layers", **overrides) -> FastPathSettings:
+    """Issue 17's one-run comparison, sized for ~10 minutes of an H100/H200 (scripts/gpu-check.sh round2).
+
+    Eager bf16, bucketed compiled bf16 (CUDA graphs), jev4's FP8 and torchao's
+    compiled FP8 on the grid without batch 128 (measured in round 1, and its
+    128 x 2048 points alone take ~45 s a mode); the compiled modes only at the
+    two target points (each compile is paid per bucket); the end-to-end rows
+    for eager bf16 and torchao FP8 on 1000 mixed-length documents (buckets
+    32 x 512 and 32 x 2048); the FP8 nDCG@10 delta on both built-in sets.
+    ``scope="layers"`` (regional compilation) because a whole-network compile
+    of 36 layers per bucket may not fit the slot; the fusions issue 17 is
+    after (RMSNorm, SiLU x up and the attention output into the FP8 casts)
+    all happen inside a decoder layer, so regional compilation keeps them.
+    """
+    base = dict(
+        device=device,
+        tiny=tiny,
+        modes=ROUND2_MODES,
+        batches=(1, 8, 32),
+        seqs=(128, 512, 2048),
+        compiled_points=((1, 128), (32, 512)),
+        compile_scope=scope,
+        e2e_modes=("torch-bf16", "torch-fp8-torchao"),
+        e2e_length_buckets=(512, 2048),
+        ndcg_sets=("stdlib-code", "pydoc-pages"),
+    )
+    return FastPathSettings(**{**base, **overrides})
+
+
 def parse_points(text: str) -> tuple[tuple[int, int], ...]:
     """``"1x128,32x512"`` -> ((1, 128), (32, 512))."""
     try:
@@ -871,6 +906,8 @@ def _round2_args(args: argparse.Namespace) -> dict:
         out["compiled_points"] = parse_points(args.compiled_points)
     if getattr(args, "compile_backend", None):
         out["compile_backend"] = args.compile_backend
+    if getattr(args, "compile_scope", None):
+        out["compile_scope"] = args.compile_scope
     if getattr(args, "e2e_modes", None):
         out["e2e_modes"] = tuple(m.strip() for m in args.e2e_modes.split(",") if m.strip())
     if getattr(args, "e2e_length_buckets", None):

@@ -28,6 +28,15 @@ never refuses an input the reference accepts; ``"error"`` raises
 that must never pay an eager call (or a surprise compile). Image batches
 always run eagerly: their patch counts do not fall on a small grid.
 
+``scope`` says what is compiled. ``"network"`` (default): the whole text
+step (transformer, final norm, projector, both poolings) as one graph, so
+inductor can fuse across every op. ``"layers"`` (regional compilation): each
+decoder layer on its own; the 36 layers share one code object and one
+compiled graph per bucket (their weights are graph inputs), so a bucket
+compiles about as fast as one layer, at the price of no fusion across layer
+boundaries and the glue between layers running eagerly. Use it where
+compile time matters more (a short GPU slot, many buckets).
+
 Compile time is reported per bucket (``BucketStats.compile_seconds``,
 logged at INFO): the first call of a bucket compiles, and ``warm_up()``
 compiles a list of buckets ahead, e.g. before a service takes traffic or a
@@ -73,6 +82,7 @@ __all__ = [
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OVERFLOW_POLICIES = ("eager", "error")
+SCOPES = ("network", "layers")
 Bucket = tuple[int, int]  # (batch, length)
 
 
@@ -102,6 +112,7 @@ class CompileSettings:
     mode: str | None = None
     overflow: str = "eager"
     backend: str = "inductor"
+    scope: str = "network"
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -111,6 +122,8 @@ class CompileSettings:
             raise SettingsError(f"unknown torch.compile mode {self.mode!r}; choose one of {COMPILE_MODES} or None (auto)")
         if self.overflow not in OVERFLOW_POLICIES:
             raise SettingsError(f"unknown overflow policy {self.overflow!r}; choose one of {OVERFLOW_POLICIES}")
+        if self.scope not in SCOPES:
+            raise SettingsError(f"unknown compile scope {self.scope!r}; choose one of {SCOPES}")
 
     @property
     def buckets(self) -> tuple[Bucket, ...]:
@@ -186,7 +199,12 @@ class BucketedForward:
         self.mode = settings.resolved_mode(self.device)
         self.cuda_graphs = self.device.type == "cuda" and self.mode in ("reduce-overhead", "max-autotune")
         self.eager = _TextForward(network)
-        self.compiled = torch.compile(self.eager, mode=self.mode, dynamic=False, fullgraph=False, backend=settings.backend)
+        if settings.scope == "layers":
+            for layer in network.model.language_model.layers:  # in place: module names and state_dict keys unchanged
+                layer.compile(mode=self.mode, dynamic=False, backend=settings.backend)
+            self.compiled = self.eager
+        else:
+            self.compiled = torch.compile(self.eager, mode=self.mode, dynamic=False, fullgraph=False, backend=settings.backend)
         self.stats = BucketStats()
         self._warned: set[tuple[int, int]] = set()
         # Each bucket is one more compiled entry of the same code objects: lift dynamo's per-code limit (default 8)
@@ -242,7 +260,8 @@ class BucketedForward:
         bucket = self.settings.bucket_for(batch, length)
         if bucket is None and self._overflow(batch, length) is None:
             dev = self.device
-            return self.eager(inputs.input_ids.to(dev), inputs.attention_mask.to(dev), inputs.position_ids.to(dev), inputs.pooling_mask.to(dev))
+            with torch.compiler.set_stance("force_eager"):  # "layers" scope: the layers are compiled modules; no new shape compile
+                return self.eager(inputs.input_ids.to(dev), inputs.attention_mask.to(dev), inputs.position_ids.to(dev), inputs.pooling_mask.to(dev))
         single, multi = self.run_bucket(pad_to_bucket(inputs, bucket, self.pad_token_id))
         return single[:batch], multi[:batch, :length]
 
@@ -287,8 +306,9 @@ class CompiledTorchEncoder(TorchEncoder):
 
     @torch.inference_mode()
     def _forward(self, inputs: ModelInputs, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if inputs.pixel_values is not None:
-            return self.compute(inputs, tasks)  # images: eager (see the module docstring)
+        if inputs.pixel_values is not None:  # images: eager (see the module docstring), compiled layers included
+            with torch.compiler.set_stance("force_eager"):
+                return self.compute(inputs, tasks)
         single, multi = self.runner(inputs)
         return single.float(), multi.float()
 

@@ -114,3 +114,17 @@ def test_settings_and_points_parsing():
         FastPathSettings(compiled_points=((8, 128),), batches=(1, 32))
     with pytest.raises(BenchSettingsError, match="e2e_modes are torch modes"):
         FastPathSettings(e2e_modes=("ort-fp16",))
+
+
+def test_round2_preset():
+    """What scripts/gpu-check.sh round2 runs on the GPU: the four modes, the target points compiled, e2e and nDCG rows."""
+    from jev4.bench.gpu_fast_path import round2_settings
+
+    s = round2_settings()
+    assert s.device == "cuda" and not s.tiny and s.modes == ROUND2_MODES
+    assert s.compiled_points == POINTS and s.compile_scope == "layers" and s.compile_backend == "inductor"
+    assert s.e2e_modes == ("torch-bf16", "torch-fp8-torchao") and s.corpus_docs == 1000
+    assert s.ndcg_sets == ("stdlib-code", "pydoc-pages")
+    assert round2_settings(scope="network").compile_scope == "network"
+    with pytest.raises(BenchSettingsError, match="--tiny"):
+        round2_settings(device="cpu")

@@ -120,6 +120,21 @@ def test_overflow_runs_eagerly_or_refuses(compiled, eager):
     assert strict.stats.compile_seconds == {}
 
 
+def test_layer_scope_matches_eager_and_compiles_one_layer_graph(tiny_dir, eager):
+    """Regional compilation: every decoder layer shares one graph per bucket; outputs equal the eager reference."""
+    from torch._dynamo.utils import counters
+
+    enc = rt.load(tiny_dir, backend="torch", task="retrieval", compile=CompileSettings(batch_buckets=(4,), length_buckets=(64,), backend="aot_eager", scope="layers"))
+    graphs = counters["stats"]["unique_graphs"]
+    got = enc.encode_text(TEXTS, batch_size=4)
+    assert (got - eager.encode_text(TEXTS, batch_size=4)).abs().max().item() <= 1e-5
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # 2 layers, 3 batches, one compiled graph
+    assert list(enc.stats.compile_seconds) == [(4, 64)] and enc.stats.calls[(4, 64)] == 3
+    long = _text(30, 0)  # beyond the bucket: eager, and no new compile of the layers
+    assert (enc.encode_text([long], batch_size=4) - eager.encode_text([long], batch_size=4)).abs().max().item() <= 1e-5
+    assert counters["stats"]["unique_graphs"] - graphs == 1 and enc.stats.eager_calls == 1
+
+
 def test_settings():
     s = CompileSettings(batch_buckets=(8, 1, 8), length_buckets=(512, 128))
     assert s.batch_buckets == (1, 8) and s.length_buckets == (128, 512)
@@ -128,7 +143,7 @@ def test_settings():
     assert s.resolved_mode(torch.device("cpu")) == "default" and s.resolved_mode(torch.device("cuda")) == "reduce-overhead"
     assert CompileSettings(mode="max-autotune").resolved_mode(torch.device("cpu")) == "max-autotune"
     assert s.to_json()["batch_buckets"] == [1, 8] and s.to_json()["scheme"] == "torch-compile-bucketed"
-    for bad in (dict(batch_buckets=()), dict(length_buckets=(0,)), dict(mode="fast"), dict(overflow="pad"), dict(batch_buckets=(True,))):
+    for bad in (dict(batch_buckets=()), dict(length_buckets=(0,)), dict(mode="fast"), dict(overflow="pad"), dict(batch_buckets=(True,)), dict(scope="model")):
         with pytest.raises(SettingsError):
             CompileSettings(**bad)
 
@@ -179,11 +194,11 @@ def test_cuda_graph_buckets_match_eager_bf16(tiny_dir):
     reason = _gpu_skip_reason()
     if reason:
         pytest.skip(reason)
-    settings = CompileSettings(batch_buckets=(1, 4), length_buckets=(32, 64))
+    settings = CompileSettings(batch_buckets=(4,), length_buckets=(64,))  # one bucket: one compile of the GPU host's time
     enc = rt.load(tiny_dir, backend="torch", compile=settings, task="retrieval", dtype="bf16", device="cuda")
     assert enc.runner.cuda_graphs and enc.runner.mode == "reduce-overhead"
     ref = TorchEncoder(enc.network, enc.config, enc.preprocessor, None, "cuda")
-    for batch_size in (1, 3):
+    for batch_size in (1, 3, 4):
         got = enc.encode_text(TEXTS, batch_size=batch_size)
         want = ref.encode_text(TEXTS, batch_size=batch_size)
         assert torch.nn.functional.cosine_similarity(got.double(), want.double()).min().item() >= 0.999
