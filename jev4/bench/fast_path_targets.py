@@ -73,6 +73,7 @@ def fp8_ndcg_rows(modes: tuple[str, ...], datasets: tuple[str, ...], device: str
     import jev4.runtime as rt
     from jev4.datasets import resolve_dataset
     from jev4.model.tiny import write_tiny_checkpoint
+    from jev4.runtime.torch_compiled import CompileSettings
     from jev4.validate.retrieval import run_retrieval
 
     rows: list[dict] = []
@@ -84,8 +85,11 @@ def fp8_ndcg_rows(modes: tuple[str, ...], datasets: tuple[str, ...], device: str
             if mode in skip:
                 rows += [{"mode": mode, "dataset": name, "delta": None, "threshold": None, "skipped": skip[mode]} for name in datasets]
                 continue
-            quantization = "fp8" if mode == "torch-fp8" else "fp8-torchao"
-            candidate = rt.load(tiny, backend="torch", quantization=quantization, task="code", dtype=dtype, device=device)
+            if mode == "torch-fp8":
+                candidate = rt.load(tiny, backend="torch", quantization="fp8", task="code", dtype=dtype, device=device)
+            else:  # every retrieval batch (32 x <= 128 tokens) in one bucket: one compile
+                one_bucket = CompileSettings(batch_buckets=(32,), length_buckets=(128,), scope="layers")
+                candidate = rt.load(tiny, backend="torch", quantization="fp8-torchao", task="code", dtype=dtype, device=device, compile=one_bucket)
             for name in datasets:
                 data = resolve_dataset(name, max_queries=max_queries, max_docs=max_docs)
                 results = run_retrieval(reference, candidate, data, "code", multivector=False, batch_size=32, max_length=128, progress=False)
