@@ -226,7 +226,8 @@ class BucketedForward:
             single, multi = single.clone(), multi.clone()
         return single, multi
 
-    def _overflow(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _overflow(self, batch: int, length: int) -> None:
+        """Refuse (``overflow="error"``) or log once per shape and count the eager call."""
         s = self.settings
         where = f"batch {batch} x length {length} is beyond the largest bucket (batch buckets {list(s.batch_buckets)}, length buckets {list(s.length_buckets)})"
         if s.overflow == "error":
@@ -235,7 +236,6 @@ class BucketedForward:
             self._warned.add((batch, length))
             log.warning("%s: running it eagerly (uncompiled)", where)
         self.stats.eager_calls += 1
-        return None
 
     def run_bucket(self, padded: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The compiled step on an input already at a bucket's shape; times the first call of each bucket as its compile."""
@@ -258,7 +258,8 @@ class BucketedForward:
         """(single [B, H], multi [B, T, P]) of a text batch, as ``TorchEncoder._forward`` returns them."""
         batch, length = inputs.input_ids.shape
         bucket = self.settings.bucket_for(batch, length)
-        if bucket is None and self._overflow(batch, length) is None:
+        if bucket is None:
+            self._overflow(batch, length)  # raises under overflow="error"
             dev = self.device
             with torch.compiler.set_stance("force_eager"):  # "layers" scope: the layers are compiled modules; no new shape compile
                 return self.eager(inputs.input_ids.to(dev), inputs.attention_mask.to(dev), inputs.position_ids.to(dev), inputs.pooling_mask.to(dev))
