@@ -475,7 +475,17 @@ def build_parser() -> argparse.ArgumentParser:
     fast = bench_sub.add_parser("fast-path", parents=[common], help="torch FP8 vs torch bf16 vs fp16 ORT CUDA EP at full size, plus an end-to-end corpus encode vs upstream-style (GPU)")
     fast.add_argument("--device", default="cuda", help="cuda, or cpu together with --tiny (a smoke run)")
     fast.add_argument("--tiny", action="store_true", help="toy model sizes (exercises the code; the figures mean nothing)")
-    fast.add_argument("--modes", default="torch-bf16,ort-fp16,torch-fp8", help="comma-separated: torch-bf16, ort-fp16, torch-fp8, torch-bf16-compile, torch-fp8-compile")
+    fast.add_argument(
+        "--modes",
+        default="torch-bf16,ort-fp16,torch-fp8",
+        help="comma-separated: torch-bf16, ort-fp16, torch-fp8, torch-bf16-compile, torch-fp8-compile, torch-bf16-bucketed, torch-fp8-torchao",
+    )
+    fast.add_argument("--compiled-points", help="batch x seq points of the compiled modes, e.g. 1x128,32x512 (each is one bucket, compiled once)")
+    fast.add_argument("--compile-backend", help="torch.compile backend of the bucketed modes (default inductor)")
+    fast.add_argument("--compile-scope", choices=["network", "layers"], help="compile the whole network, or each decoder layer (one graph shared by all layers)")
+    fast.add_argument("--e2e-modes", help="comma-separated modes of the end-to-end corpus rows")
+    fast.add_argument("--e2e-length-buckets", help="length buckets of the bucketed end-to-end rows, e.g. 512,2048")
+    fast.add_argument("--ndcg-sets", help="built-in sets of the FP8 nDCG@10 delta, e.g. stdlib-code,pydoc-pages")
     fast.add_argument("--batches", default="1,8,32,128")
     fast.add_argument("--seqs", default="128,512,2048")
     fast.add_argument("--warmup", type=int, default=3)
