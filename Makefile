@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.jev4-installed
 
-.PHONY: setup demo test test-slow browser vllm-env infinity-env clean
+.PHONY: setup demo test test-slow browser mutation vllm-env infinity-env clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ browser:
 	{ command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  { apt-get install -y -q --no-install-recommends chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; } && \
 	  echo "installed chromium"; }
+
+# Mutation testing of the numeric and integrity core (scripts/mutation.py; most of an hour; not part of CI).
+# GROUPS="manifest atomic" runs some of the groups; the summary and surviving mutants go to .mutation/mutation.json.
+mutation: $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt mutmut==3.8.1
+	$(BIN)/python scripts/mutation.py $(GROUPS)
 
 # The full crash loop of tests/reliability (every signal at every stop point) and other slow tests.
 test-slow: $(STAMP)

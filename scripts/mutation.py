@@ -1,0 +1,166 @@
+"""``make mutation``: mutation testing (mutmut 3) of jev4's numeric and integrity core, one group of modules at a time.
+
+Why groups: mutmut runs, for each mutant, the tests that reach the mutated
+function. Its first pass runs the whole test selection once with tracing,
+so the selection decides the cost. Each group pairs a few modules with the
+tests that exercise them (not the whole suite), so every group fits in
+minutes on a 2-core machine and the whole run in under an hour.
+
+Each group runs in a scratch copy of the tracked files (``.mutation/GROUP``,
+git-ignored): mutmut writes its mutated tree into ``mutants/`` under the
+working directory and reads its settings from ``setup.cfg`` there, so the
+repository itself is never touched. The summary (counts and score per group)
+and every surviving mutant with its diff go to ``--out`` as JSON; that is
+what docs/testing.md reports and explains.
+
+Not part of ``make test`` or CI: it takes most of an hour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger("mutation")
+
+ROOT = Path(__file__).resolve().parent.parent
+MUTMUT_VERSION = "3.8.1"
+
+
+@dataclass(frozen=True)
+class Group:
+    """Modules mutated together, and the tests that must kill their mutants."""
+
+    name: str
+    modules: tuple[str, ...]
+    tests: tuple[str, ...]
+
+
+GROUPS = (
+    Group("model", ("jev4/model/pooling.py", "jev4/model/adapters.py", "jev4/model/lora.py"), ("tests/model/test_lora.py", "tests/model/test_adapters.py", "tests/model/test_encoder.py")),
+    Group("merge", ("jev4/export/merge.py",), ("tests/export/test_merge.py",)),
+    Group("manifest", ("jev4/export/manifest.py",), ("tests/export/test_manifest.py", "tests/export/test_manifest_format.py")),
+    Group("atomic", ("jev4/atomic.py",), ("tests/test_atomic.py", "tests/reliability/test_outputs.py")),
+    Group("codecs", ("jev4/quant/embeddings.py",), ("tests/quant/test_embeddings.py", "tests/quant/test_properties.py", "tests/quant/test_calibration.py")),
+    Group("search", ("jev4/quant/search.py",), ("tests/quant/test_search.py", "tests/quant/test_properties.py")),
+    Group("metrics", ("jev4/validate/metrics.py", "jev4/validate/streaming.py"), ("tests/validate/test_metrics.py", "tests/validate/test_streaming.py")),
+    Group("verdict", ("jev4/validate/thresholds.py", "jev4/validate/parity.py"), ("tests/validate/test_thresholds.py", "tests/validate/test_verdict_sensitivity.py")),
+)
+
+
+@dataclass
+class GroupResult:
+    name: str
+    modules: tuple[str, ...]
+    tests: tuple[str, ...]
+    seconds: float
+    counts: dict[str, int]
+    score: float | None  # killed (incl. timeouts) / (killed + survived); mutants no test reaches are listed apart
+    survivors: list[dict[str, str]]
+    no_tests: list[str]
+
+
+def _mutmut() -> Path:
+    exe = Path(sys.executable).with_name("mutmut")
+    if not exe.exists():
+        raise SystemExit(f"mutmut is not installed in this venv: {sys.executable} -m pip install mutmut=={MUTMUT_VERSION}")
+    return exe
+
+
+def _scratch_copy(group: Group, work: Path) -> Path:
+    """The tracked files (package, tests, pyproject) in a fresh directory, with mutmut's settings for the group."""
+    target = work / group.name
+    if target.exists():
+        shutil.rmtree(target)
+    files = subprocess.run(["git", "ls-files", "-z", "jev4", "tests", "pyproject.toml"], cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest)
+    lines = ["[mutmut]", "source_paths=jev4", "only_mutate=" + "\n  ".join(group.modules), "pytest_add_cli_args_test_selection=" + "\n  ".join(group.tests)]
+    lines.append("pytest_add_cli_args=-q\n  -p\n  no:cacheprovider\n  -m\n  not slow and not gpu and not serving")
+    (target / "setup.cfg").write_text("\n".join(lines) + "\n")
+    return target
+
+
+def _results(mutmut: Path, cwd: Path) -> tuple[dict[str, int], list[str], list[str]]:
+    subprocess.run([str(mutmut), "export-cicd-stats"], cwd=cwd, capture_output=True, check=True)
+    counts = json.loads((cwd / "mutants" / "mutmut-cicd-stats.json").read_text())
+    listing = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=cwd, capture_output=True, text=True, check=True).stdout
+    survived, no_tests = [], []
+    for line in listing.splitlines():
+        name, _, status = line.strip().rpartition(": ")
+        if status == "survived":
+            survived.append(name)
+        elif status == "no tests":
+            no_tests.append(name)
+    return counts, survived, no_tests
+
+
+def _diff(mutmut: Path, cwd: Path, name: str) -> str:
+    shown = subprocess.run([str(mutmut), "show", name], cwd=cwd, capture_output=True, text=True).stdout
+    return "\n".join(line for line in shown.splitlines() if line.startswith(("+", "-")) and not line.startswith(("+++", "---")))
+
+
+def run_group(group: Group, work: Path, children: int) -> GroupResult:
+    mutmut = _mutmut()
+    cwd = _scratch_copy(group, work)
+    log.info("%s: mutating %s against %s", group.name, ", ".join(group.modules), ", ".join(group.tests))
+    started = time.perf_counter()
+    with open(cwd / "mutmut-run.log", "w") as out:  # mutmut redraws a progress line; the log keeps it off the terminal
+        done = subprocess.run([str(mutmut), "run", "--max-children", str(children)], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{group.name}: mutmut run failed (exit {done.returncode}); see {cwd / 'mutmut-run.log'}")
+    counts, survived, no_tests = _results(mutmut, cwd)
+    killed = counts.get("killed", 0) + counts.get("timeout", 0) + counts.get("segfault", 0)
+    judged = killed + counts.get("survived", 0)
+    result = GroupResult(
+        name=group.name,
+        modules=group.modules,
+        tests=group.tests,
+        seconds=round(seconds, 1),
+        counts=counts,
+        score=round(killed / judged, 4) if judged else None,
+        survivors=[{"mutant": name, "diff": _diff(mutmut, cwd, name)} for name in survived],
+        no_tests=no_tests,
+    )
+    log.info("%s: %d mutants, %d killed, %d survived, %d reached by no test (score %s) in %.0f s", group.name, counts.get("total", 0), killed, counts.get("survived", 0), len(no_tests), result.score, seconds)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("groups", nargs="*", help=f"groups to run (default: all): {', '.join(g.name for g in GROUPS)}")
+    parser.add_argument("--work", default=str(ROOT / ".mutation"), help="scratch copies, one per group")
+    parser.add_argument("--out", default=str(ROOT / ".mutation" / "mutation.json"), help="summary and surviving mutants (JSON)")
+    parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested in parallel")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    known = {g.name: g for g in GROUPS}
+    unknown = [name for name in args.groups if name not in known]
+    if unknown:
+        parser.error(f"unknown group(s) {unknown}; choose from {list(known)}")
+    chosen = [known[name] for name in args.groups] if args.groups else list(GROUPS)
+    results = [run_group(group, Path(args.work), args.children) for group in chosen]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"mutmut": MUTMUT_VERSION, "groups": [asdict(r) for r in results]}, indent=1, ensure_ascii=False) + "\n")
+    print(f"{'group':<10} {'mutants':>8} {'killed':>7} {'survived':>9} {'no tests':>9} {'score':>6} {'seconds':>8}")
+    for r in results:
+        killed = r.counts.get("killed", 0) + r.counts.get("timeout", 0) + r.counts.get("segfault", 0)
+        print(f"{r.name:<10} {r.counts.get('total', 0):>8} {killed:>7} {r.counts.get('survived', 0):>9} {len(r.no_tests):>9} {r.score if r.score is not None else '-':>6} {r.seconds:>8.0f}")
+    print(f"details: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
