@@ -6,7 +6,7 @@ so the selection decides the cost. Each group pairs a few modules with the
 tests that exercise them (not the whole suite), so every group fits in
 minutes on a 2-core machine and the whole run in under an hour.
 
-Each group runs in a scratch copy of the tracked files (``.mutation/GROUP``,
+Each group runs in a scratch copy of the committed tree (``.mutation/GROUP``,
 git-ignored): mutmut writes its mutated tree into ``mutants/`` under the
 working directory and reads its settings from ``setup.cfg`` there, so the
 repository itself is never touched. The summary (counts and score per group)
@@ -76,15 +76,13 @@ def _mutmut() -> Path:
 
 
 def _scratch_copy(group: Group, work: Path) -> Path:
-    """The tracked files (package, tests, pyproject) in a fresh directory, with mutmut's settings for the group."""
+    """The committed package, tests and pyproject in a fresh directory, with mutmut's settings for the group."""
     target = work / group.name
     if target.exists():
         shutil.rmtree(target)
-    files = subprocess.run(["git", "ls-files", "-z", "jev4", "tests", "pyproject.toml"], cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        dest = target / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dest)
+    target.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "HEAD", "jev4", "tests", "pyproject.toml"], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)  # the committed tree: uncommitted edits do not leak in
     lines = ["[mutmut]", "source_paths=jev4", "only_mutate=" + "\n  ".join(group.modules), "pytest_add_cli_args_test_selection=" + "\n  ".join(group.tests)]
     lines.append("pytest_add_cli_args=-q\n  -p\n  no:cacheprovider\n  -m\n  not slow and not gpu and not serving")
     (target / "setup.cfg").write_text("\n".join(lines) + "\n")
