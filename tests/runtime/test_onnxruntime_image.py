@@ -20,29 +20,27 @@ def _cos(a, b):
 
 
 @pytest.mark.parametrize("task", ["retrieval", "text-matching", "code"])
-def test_image_parity_single_and_multi(onnx_artifacts, runtime_reference, task, provider):
+def test_image_parity_single_and_multi(onnx_artifacts, runtime_reference, task, provider, fp32_bound):
     enc = rt.load(onnx_artifacts[task], provider=provider)
     images = _images()
     ref = runtime_reference.encode_image(images, task=task)
     for batch_size in (1, 4):
         got = enc.encode_image(images, task=task, batch_size=batch_size)
-        assert _cos(got, ref).min() >= 0.9999
+        fp32_bound.check(got, ref, f"{task} images, batch {batch_size}")
     got_multi = enc.encode_image(images, task=task, return_multivector=True, batch_size=2)
     ref_multi = runtime_reference.encode_image(images, task=task, return_multivector=True)
-    for g, r in zip(got_multi, ref_multi, strict=True):
-        assert g.shape == r.shape
-        assert _cos(g, r).min() >= 0.999
+    fp32_bound.check(got_multi, ref_multi, f"{task} image tokens")
 
 
-def test_image_matryoshka_and_max_pixels(onnx_artifacts, runtime_reference):
+def test_image_matryoshka_and_max_pixels(onnx_artifacts, runtime_reference, cpu_fp32_bound):
     enc = rt.load(onnx_artifacts["retrieval"])
     images = _images()[2:]
     for dim in runtime_reference.config.matryoshka_dims:
         got = enc.encode_image(images, truncate_dim=dim)
         assert got.shape == (2, dim)
-        assert _cos(got, runtime_reference.encode_image(images, truncate_dim=dim)).min() >= 0.9999
+        cpu_fp32_bound.check(got, runtime_reference.encode_image(images, truncate_dim=dim), f"images dim {dim}")
     small = enc.encode_image(images, max_pixels=56 * 56 * 2)
-    assert _cos(small, runtime_reference.encode_image(images, max_pixels=56 * 56 * 2)).min() >= 0.9999
+    cpu_fp32_bound.check(small, runtime_reference.encode_image(images, max_pixels=56 * 56 * 2), "images, max_pixels")
 
 
 def test_text_only_artifact_refuses_images(tmp_path, runtime_source):

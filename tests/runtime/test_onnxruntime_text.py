@@ -26,7 +26,7 @@ def _cos(a, b):
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_single_and_multi_vector_parity_all_batch_sizes(onnx_artifacts, runtime_reference, task, provider):
+def test_single_and_multi_vector_parity_all_batch_sizes(onnx_artifacts, runtime_reference, task, provider, fp32_bound):
     ort_enc = rt.load(onnx_artifacts[task], backend="onnxruntime", provider=provider)
     texts = _corpus_texts()
     lengths = runtime_reference.preprocessor.token_lengths(["Passage: " + t for t in texts], 512)
@@ -35,21 +35,19 @@ def test_single_and_multi_vector_parity_all_batch_sizes(onnx_artifacts, runtime_
     ref_multi = runtime_reference.encode_text(texts, task=task, prompt_name="passage", max_length=512, return_multivector=True)
     for batch_size in (1, 3, 16):
         got = ort_enc.encode_text(texts, task=task, prompt_name="passage", max_length=512, batch_size=batch_size)
-        assert _cos(got, ref).min() >= 0.9999
+        fp32_bound.check(got, ref, f"{task} single, batch {batch_size}")
     got_multi = ort_enc.encode_text(texts, task=task, prompt_name="passage", max_length=512, batch_size=5, return_multivector=True)
-    for g, r in zip(got_multi, ref_multi, strict=True):
-        assert g.shape == r.shape
-        assert _cos(g, r).min() >= 0.999
+    fp32_bound.check(got_multi, ref_multi, f"{task} multi-vector tokens")
 
 
-def test_every_matryoshka_dim(onnx_artifacts, runtime_reference):
+def test_every_matryoshka_dim(onnx_artifacts, runtime_reference, cpu_fp32_bound):
     ort_enc = rt.load(onnx_artifacts["retrieval"])
     texts = _corpus_texts()[:6]
     for dim in runtime_reference.config.matryoshka_dims:
         got = ort_enc.encode_text(texts, task="retrieval", truncate_dim=dim)
         ref = runtime_reference.encode_text(texts, task="retrieval", truncate_dim=dim)
         assert got.shape == (len(texts), dim)
-        assert _cos(got, ref).min() >= 0.9999
+        cpu_fp32_bound.check(got, ref, f"dim {dim}")
 
 
 def test_prefix_rules_follow_the_task(onnx_artifacts, runtime_reference):
@@ -60,13 +58,13 @@ def test_prefix_rules_follow_the_task(onnx_artifacts, runtime_reference):
     torch.testing.assert_close(q, p)
 
 
-def test_one_call_path_for_both_backends(onnx_artifacts, runtime_source):
+def test_one_call_path_for_both_backends(onnx_artifacts, runtime_source, cpu_fp32_bound):
     """Switching backend is one argument; both are jev4.runtime.Encoder with the same API."""
     a = rt.load(runtime_source, backend="torch")
     b = rt.load(onnx_artifacts["code"], backend="onnxruntime")
     assert isinstance(a, rt.Encoder) and isinstance(b, rt.Encoder)
     texts = ["def f(x): return x + 1", "sort a list in place"]
-    assert _cos(a.encode_text(texts, task="code"), b.encode_text(texts, task="code")).min() >= 0.9999
+    cpu_fp32_bound.check(b.encode_text(texts, task="code"), a.encode_text(texts, task="code"), "code")
 
 
 def test_artifact_refuses_other_task(onnx_artifacts):
@@ -82,7 +80,8 @@ def test_manifest_records_graphs(onnx_artifacts):
     assert [t["name"] for t in language["inputs"]] == ["input_ids", "attention_mask", "position_ids", "pooling_mask", "image_embeds"]
     assert language["outputs"][0]["shape"] == ["batch", 64]
     assert "language.onnx" in manifest["files"] and "language.onnx.data" in manifest["files"]
-    assert manifest["contents"]["validation"]["language_min_cosine"] >= 0.9999
+    # The export's own CPU check: a dot product of fp32-normalised vectors, which resolves ~1e-7 (measured 1 - 1e-7).
+    assert manifest["contents"]["validation"]["language_min_cosine"] >= 1 - 1e-6
 
 
 def test_fp16_text_only_export(tmp_path, runtime_source, runtime_reference, provider):
