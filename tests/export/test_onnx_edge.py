@@ -17,6 +17,10 @@ from jev4.export.onnx_weights import WeightQuantError, WeightQuantSettings, quan
 from jev4.validate.thresholds import DEFAULTS
 
 LAYERS = 2  # the tiny checkpoint
+# fp32 fused graph (GroupQueryAttention, fused norms) on onnxruntime's CPU provider vs the fp32 torch reference:
+# measured 1 - cos <= 1.2e-13 per vector and per token. 1e-9 keeps room for other CPUs and still fails a 1%
+# LoRA-scale error (1 - cos ~5e-5). This file's tests run on CPU only.
+FUSED_FP32_GAP = 1e-9
 needs_builder = pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai is not installed (pip install 'jev4[edge]')")
 TEXTS = [
     "x",
@@ -98,7 +102,7 @@ def test_fused_graph_has_fused_attention_and_norms(fused):
     assert contents["fused"]["producer"].startswith("onnxruntime-genai ")
     assert [t["name"] for t in contents["graphs"]["language"]["inputs"]] == ["input_ids", "attention_mask", "position_ids", "pooling_mask"]
     assert manifest["settings"]["edge"] == {"fused": True, "weights": None}
-    assert contents["validation"]["language_min_cosine"] >= 0.9999
+    assert contents["validation"]["language_min_cosine"] >= 1 - 1e-6  # the export's own check, fp32 dot products: resolves ~1e-7
     assert rt.load(fused).engine().endswith("(cpu; fp32, fused attention)")
     assert not any(name.startswith(".edge-work") for name in manifest["files"])  # the builder's scratch is gone
 
@@ -107,8 +111,8 @@ def test_fused_graph_has_fused_attention_and_norms(fused):
 @pytest.mark.parametrize("batch_size", [1, 3, 7])
 def test_fused_parity_padded_batches(fused, encoder, batch_size):
     single, tokens = _cosines(encoder, rt.load(fused), batch_size)
-    assert single.min() >= 0.9999
-    assert tokens.min() >= 0.9999
+    assert 1 - single.min().item() <= FUSED_FP32_GAP, 1 - single.min().item()
+    assert 1 - tokens.min().item() <= FUSED_FP32_GAP, 1 - tokens.min().item()
 
 
 @needs_builder
@@ -117,7 +121,8 @@ def test_fused_every_matryoshka_dim_and_query_prompt(fused, encoder):
     for dim in encoder.config.matryoshka_dims:
         got = art.encode_text(TEXTS, task="retrieval", prompt_name="query", truncate_dim=dim, batch_size=4)
         ref = encoder.encode_text(TEXTS, task="retrieval", prompt_name="query", truncate_dim=dim)
-        assert torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=-1).min() >= 0.9999
+        gap = 1 - torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=-1).min().item()
+        assert gap <= FUSED_FP32_GAP, (dim, gap)
 
 
 # ---- weight-only int4 / int8 -----------------------------------------------------------------------
