@@ -115,7 +115,7 @@ def verify_manifest(root: Path) -> dict[str, Any]:
     extra = [
         p.relative_to(root).as_posix()
         for p in root.rglob("*")
-        if p.is_file() and p.name != MANIFEST_NAME and p.relative_to(root).as_posix() not in listed
+        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST_NAME and p.relative_to(root).as_posix() not in listed
     ]
     problems += [f"{rel}: not in the manifest" for rel in sorted(extra)]
     if problems:

@@ -251,6 +251,11 @@ def validation_feeds(hidden_size: int, with_images: bool, float_dtype: str) -> I
         yield batch, seq, feed
 
 
+# (single-vector, per-token) min cosine an export must reach against torch on CPU. fp32 reaches 1 - 1e-12 and
+# 1 - 1e-10 (tests/export); a 1% error in a LoRA scale gives 1 - 3e-5, which the fp32 bar must refuse.
+VALIDATION_BARS = {"float32": (1 - 1e-5, 1 - 1e-4), "float16": (0.999, 0.99)}
+
+
 def validate_export(network: JinaEmbeddingsV4, config: JinaV4Config, root: Path, graphs: dict[str, dict]) -> dict[str, float]:
     """Run the exported language graph on CPU at several shapes and compare with the torch network.
 
@@ -267,15 +272,28 @@ def validate_export(network: JinaEmbeddingsV4, config: JinaV4Config, root: Path,
     with_images = any(t["name"] == "image_embeds" for t in graphs["language"]["inputs"])
     graph = LanguageGraph(network, config.special_tokens.image_token_id, with_images).eval()
     session = ort.InferenceSession(str(root / "language.onnx"), providers=["CPUExecutionProvider"])
-    worst = 1.0
+    single_bar, token_bar = VALIDATION_BARS[float_dtype]
+    worst = worst_token = 1.0
     for batch, seq, feed in validation_feeds(config.hidden_size, with_images, float_dtype):
         got_single, got_multi = session.run(None, feed)
         with torch.inference_mode():
             ref_single, ref_multi = graph(*(torch.from_numpy(feed[k]) for k in feed))
-        cos = (torch.from_numpy(got_single).double() * ref_single.double()).sum(-1).min().item()
-        worst = min(worst, cos)
-        bar = 0.9999 if float_dtype == "float32" else 0.999
-        if cos < bar or not np.isfinite(got_multi).all():
-            raise ExportValidationError(f"language.onnx differs from torch at batch {batch} x seq {seq}: min cosine {cos:.6f} < {bar}")
-    log.info("language.onnx validated on CPU: min cosine %.7f over 3 shapes", worst)
-    return {"language_min_cosine": worst}
+        where = f"language.onnx differs from torch at batch {batch} x seq {seq}"
+        if not (np.isfinite(got_single).all() and np.isfinite(got_multi).all()):
+            raise ExportValidationError(f"{where}: its outputs hold NaN or inf")
+        cos = _min_cosine(torch.from_numpy(got_single), ref_single)
+        token_cos = _min_cosine(torch.from_numpy(got_multi), ref_multi)  # every token the mask keeps (masked ones are zero in both)
+        worst, worst_token = min(worst, cos), min(worst_token, token_cos)
+        if cos < single_bar:
+            raise ExportValidationError(f"{where}: single-vector min cosine {cos:.9f} < {single_bar}")
+        if token_cos < token_bar:
+            raise ExportValidationError(f"{where}: multi-vector per-token min cosine {token_cos:.9f} < {token_bar}")
+    log.info("language.onnx validated on CPU: min cosine %.10f single, %.10f per token, over 3 shapes", worst, worst_token)
+    return {"language_min_cosine": worst, "language_token_min_cosine": worst_token}
+
+
+def _min_cosine(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Min cosine over the vectors (last axis) that are not zero in the reference, computed in float64."""
+    got, ref = got.double().flatten(0, -2), ref.double().flatten(0, -2)
+    keep = ref.norm(dim=-1) > 0
+    return torch.nn.functional.cosine_similarity(got[keep], ref[keep], dim=-1).min().item() if keep.any() else 1.0

@@ -89,3 +89,11 @@ def test_package_versions_are_what_is_installed():
             assert found[name] == installed
     assert set(found) <= {"jev4", "python", "torch", "transformers", "safetensors", "tokenizers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt"}
     assert {"torch", "onnx"} <= set(found)  # this suite always runs with both
+
+
+def test_a_file_named_like_the_manifest_below_the_root_is_an_added_file(tmp_path):
+    root = _artifact(tmp_path / "art")
+    write_manifest(root, Manifest(kind="onnx", source="s", settings={}))
+    (root / "sub" / MANIFEST_NAME).write_text("{}")  # only the root's manifest is exempt from the file list
+    with pytest.raises(ManifestError, match=rf": sub/{MANIFEST_NAME}: not in the manifest$"):
+        verify_manifest(root)
