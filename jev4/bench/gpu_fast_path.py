@@ -64,6 +64,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -75,6 +76,9 @@ from jev4.bench.encode import EncodePoint, _time, text_flops_per_token
 from jev4.bench.ort import _point
 from jev4.bench.process import machine_summary
 from jev4.errors import Jev4Error
+
+if TYPE_CHECKING:
+    from jev4.model.tiny import TinySpec
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +253,22 @@ def _forward_and_pool(net, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Ten
     multi_vector(out.projected, mask)
 
 
+def _out_of_memory(exc: BaseException, mode: str, batch: int, seq: int, device: torch.device) -> dict[str, object]:
+    """The failure row of a point that ran out of GPU memory (the cache is freed for the next point)."""
+    log.warning("%s b=%d s=%d: out of memory", mode, batch, seq)
+    _free(device)
+    return {"mode": mode, "batch": batch, "seq": seq, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+
+
+def _measured_point(mode: str, batch: int, seq: int, times: list[float], device: torch.device, spec: TinySpec, kv_dim: int, peak: float | None) -> EncodePoint:
+    """A timed point with its peak memory and FLOPs (for MFU), logged."""
+    mem = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else 0.0
+    flops = text_flops_per_token(spec.hidden_size, spec.layers, spec.intermediate_size, kv_dim, seq, spec.multi_vector_dim)
+    point = _point(mode, batch, seq, times, mem, flops, peak)
+    _log_point(point)
+    return point
+
+
 def _log_point(p: EncodePoint) -> None:
     """Every figure of a point in the log, so that a run cut off before its report still leaves them."""
     log.info("point %s", json.dumps(asdict(p)))
@@ -271,14 +291,9 @@ def _torch_points(spec, mode: str, settings: FastPathSettings, dtype: str, devic
             try:
                 times = _time(partial(_forward_and_pool, net, ids, mask, pos), device, settings.warmup, settings.iters, None, batch)
             except torch.OutOfMemoryError as exc:
-                log.warning("%s b=%d s=%d: out of memory", mode, batch, seq)
-                failures.append({"mode": mode, "batch": batch, "seq": seq, "error": f"out of memory: {str(exc).splitlines()[0]}"})
-                _free(device)
+                failures.append(_out_of_memory(exc, mode, batch, seq, device))
                 continue
-            mem = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else 0.0
-            flops = text_flops_per_token(spec.hidden_size, spec.layers, spec.intermediate_size, kv_dim, seq, spec.multi_vector_dim)
-            points.append(_point(mode, batch, seq, times, mem, flops, peak))
-            _log_point(points[-1])
+            points.append(_measured_point(mode, batch, seq, times, device, spec, kv_dim, peak))
     net = None  # free the weights before the next mode builds its own
     _free(device)
     return points
@@ -338,14 +353,9 @@ def _bucketed_points(
                 log.warning("%s b=%d s=%d: recompiled while timed", mode, batch, seq)
                 failures.append({"mode": mode, "batch": batch, "seq": seq, "error": "recompiled inside the timed calls: its timings include a compile"})
         except torch.OutOfMemoryError as exc:
-            log.warning("%s b=%d s=%d: out of memory", mode, batch, seq)
-            failures.append({"mode": mode, "batch": batch, "seq": seq, "error": f"out of memory: {str(exc).splitlines()[0]}"})
-            _free(device)
+            failures.append(_out_of_memory(exc, mode, batch, seq, device))
             continue
-        mem = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else 0.0
-        flops = text_flops_per_token(spec.hidden_size, spec.layers, spec.intermediate_size, kv_dim, seq, spec.multi_vector_dim)
-        points.append(_point(mode, batch, seq, times, mem, flops, peak))
-        _log_point(points[-1])
+        points.append(_measured_point(mode, batch, seq, times, device, spec, kv_dim, peak))
         log.info("%s %dx%d: compile %.1f s (not in the timings)", mode, batch, seq, seconds[f"{batch}x{seq}"])
     runner = net = None
     _free(device)
