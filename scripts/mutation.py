@@ -33,6 +33,9 @@ log = logging.getLogger("mutation")
 
 ROOT = Path(__file__).resolve().parent.parent
 MUTMUT_VERSION = "3.8.1"
+# A mutant times out (and counts as killed) after this many times its tests' own duration. mutmut's default
+# of 15 let mutants that spin in a retry or wait loop hold a worker for minutes each (atomic, codecs).
+TIMEOUT_MULTIPLIER = 3.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ def _scratch_copy(group: Group, work: Path) -> Path:
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)  # the committed tree: uncommitted edits do not leak in
     lines = ["[mutmut]", "source_paths=jev4", "only_mutate=" + "\n  ".join(group.modules), "pytest_add_cli_args_test_selection=" + "\n  ".join(group.tests)]
     lines.append("pytest_add_cli_args=-q\n  -p\n  no:cacheprovider\n  -m\n  not slow and not gpu and not serving")
+    lines.append(f"timeout_multiplier={TIMEOUT_MULTIPLIER}")
     (target / "setup.cfg").write_text("\n".join(lines) + "\n")
     return target
 
