@@ -1,0 +1,82 @@
+"""The threshold set's edges and messages: the closed ranges' end points, drops of exactly 0, the one-query resolution.
+
+Mutation testing (docs/testing.md) found that no test stood on these edges:
+``-1.0 <= v`` could become ``-1.0 < v``, a drop of 0 could be refused, and the
+error messages could lose their content, all unnoticed.
+"""
+
+import json
+
+import pytest
+
+from jev4.validate.results import RetrievalResult
+from jev4.validate.thresholds import DEFAULTS, ThresholdError, Thresholds, load_thresholds, resolution, retrieval_label
+
+UNIT_RANGE = ("single_cosine_min", "single_cosine_mean", "multi_token_cosine_min", "maxsim_pearson_min", "score_spearman_min")
+DROPS = ("ndcg_drop_max", "recall_drop_max", "sts_drop_max")
+
+
+@pytest.mark.parametrize("name", UNIT_RANGE)
+def test_correlation_and_cosine_bounds_accept_both_ends_of_minus_one_to_one(name):
+    for edge in (-1.0, 1.0):
+        assert getattr(Thresholds(**{name: edge}), name) == edge
+    for outside in (-1.0000001, 1.0000001):
+        with pytest.raises(ThresholdError, match=rf"^threshold {name}: must be in \[-1, 1\], got {outside!r}$"):
+            Thresholds(**{name: outside})
+
+
+def test_topk_overlap_accepts_zero_and_one_only_inside():
+    assert Thresholds(topk_overlap_min=0.0).topk_overlap_min == 0.0
+    assert Thresholds(topk_overlap_min=1.0).topk_overlap_min == 1.0
+    for outside in (-0.01, 1.01, 1.5):
+        with pytest.raises(ThresholdError, match=rf"^threshold topk_overlap_min: must be in \[0, 1\], got {outside!r}$"):
+            Thresholds(topk_overlap_min=outside)
+
+
+@pytest.mark.parametrize("name", DROPS)
+def test_a_drop_of_zero_is_allowed_and_a_negative_or_nan_one_is_not(name):
+    assert getattr(Thresholds(**{name: 0.0}), name) == 0.0  # "no drop at all" is a valid demand
+    for bad in (-0.001, float("nan")):
+        with pytest.raises(ThresholdError, match=rf"^threshold {name}: a drop must be >= 0, got "):
+            Thresholds(**{name: bad})
+
+
+def test_from_json_messages_name_what_is_wrong():
+    with pytest.raises(ThresholdError, match=r"^thresholds must be a JSON object, got list$"):
+        Thresholds.from_json([1, 2])
+    known = ", ".join(sorted(Thresholds().to_json()))
+    with pytest.raises(ThresholdError, match=rf"^unknown threshold key\(s\) 'a', 'b'; known: {known}$"):
+        Thresholds.from_json({"b": 1, "a": 2})
+    with pytest.raises(ThresholdError, match=rf"^unknown precision 'fp5'; known: {', '.join(DEFAULTS)}$"):
+        load_thresholds("fp5")
+
+
+def test_load_thresholds_messages_name_the_file_and_entry(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text("[1]")
+    with pytest.raises(ThresholdError, match=rf"^{path}: must hold a JSON object, got list$"):
+        load_thresholds("fp32", path)
+    path.write_text(json.dumps({"zz": 0.1, "ndcg_drop_max": 0.1, "fp16": {}, "bf16": {}}))
+    with pytest.raises(ThresholdError, match=rf"^{path}: mixes flat keys \(ndcg_drop_max, zz\) with per-precision objects \(fp16, bf16\); use one form$"):
+        load_thresholds("fp32", path)
+    path.write_text(json.dumps({"ndcg_drop_max": -1}))
+    with pytest.raises(ThresholdError, match=rf"^{path}: threshold ndcg_drop_max: a drop must be >= 0, got -1.0$"):  # flat: no precision in the path
+        load_thresholds("fp32", path)
+    path.write_text(json.dumps({"fp16": {"ndcg_drop_max": -1}}))
+    with pytest.raises(ThresholdError, match=rf"^{path}: fp16: threshold ndcg_drop_max"):
+        load_thresholds("fp32", path)
+    path.write_bytes("{\"ndcg_drop_max\": 0.01, \"note\": \"é\"}".encode("latin-1"))
+    with pytest.raises(ThresholdError, match=rf"^{path}: cannot read thresholds file: 'utf-8' codec can't decode"):
+        load_thresholds("fp32", path)
+
+
+def test_resolution_of_one_query_and_of_none():
+    assert resolution(1) == pytest.approx(1.0 + 1e-9, abs=1e-15)  # a single query moves a mean by a whole point
+    assert resolution(100) == pytest.approx(0.01 + 1e-9, abs=1e-15)
+    assert resolution(0) == 0.0
+
+
+def test_retrieval_label_names_the_dim_only_when_there_is_one():
+    result = RetrievalResult(dataset="d", scoring="multi", dim=0, reference={}, artifact={}, queries=1)
+    assert retrieval_label(result) == "retrieval d multi"
+    assert retrieval_label(RetrievalResult(dataset="d", scoring="single", dim=128, reference={}, artifact={}, queries=1)) == "retrieval d single dim 128"
