@@ -183,6 +183,15 @@ def test_maxsim_rejects_bad_input():
     with pytest.raises(ValueError, match="dims differ"):
         maxsim_scores([np.ones((1, 2))], [np.ones((1, 3))])
     assert maxsim_scores([], [np.ones((1, 2))]).shape == (0, 1)
+    # the exact messages: which side, which item, which dims (queries that disagree among themselves count too)
+    with pytest.raises(ValueError, match=r"^query 1 has no tokens$"):
+        maxsim_scores([np.ones((1, 2)), np.ones((0, 2))], [np.ones((1, 2))])
+    with pytest.raises(ValueError, match=r"^document 0 has no tokens$"):
+        maxsim_scores([np.ones((1, 2))], [np.ones((0, 2))])
+    with pytest.raises(ValueError, match=r"^token dims differ: \[2, 3\]$"):
+        maxsim_scores([np.ones((1, 2)), np.ones((1, 3))], [np.ones((1, 2))])
+    with pytest.raises(ValueError, match=r"^batch_docs must be >= 1, got 0$"):
+        maxsim_scores([np.ones((1, 2))], [np.ones((1, 2))], batch_docs=0)
 
 
 # --------------------------------------------------------------------------- agreement
