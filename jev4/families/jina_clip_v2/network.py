@@ -56,7 +56,7 @@ def build_text_backbone(text: TextTowerConfig):
 
 
 def text_attention_mask(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """1 where ``input_ids != pad``: upstream's attention and pooling mask (shared/CLIP_V2.md)."""
+    """1 where ``input_ids != pad``: upstream's attention and pooling mask (openclip ``hf_model.py`` ``HFTextEncoder.forward``)."""
     return (input_ids != pad_token_id).to(torch.long)
 
 

@@ -18,7 +18,6 @@ matters for images with an alpha channel (PIL resizes RGBA premultiplied);
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,7 @@ from PIL import Image
 
 from jev4.errors import CheckpointError, EncodeError
 from jev4.families.jina_clip_v2.config import ClipV2Config
-
-log = logging.getLogger(__name__)
+from jev4.families.jina_clip_v2.network import text_attention_mask
 
 __all__ = [
     "CLIP_MEAN",
@@ -104,7 +102,7 @@ class TextPreprocessor:
         self.tokenizer.enable_truncation(max_length)
         encodings = self.tokenizer.encode_batch(list(texts))
         input_ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
-        return TextBatch(input_ids, (input_ids != self.pad_token_id).to(torch.long))
+        return TextBatch(input_ids, text_attention_mask(input_ids, self.pad_token_id))
 
 
 @dataclass(frozen=True)
