@@ -80,3 +80,49 @@ def test_retrieval_label_names_the_dim_only_when_there_is_one():
     result = RetrievalResult(dataset="d", scoring="multi", dim=0, reference={}, artifact={}, queries=1)
     assert retrieval_label(result) == "retrieval d multi"
     assert retrieval_label(RetrievalResult(dataset="d", scoring="single", dim=128, reference={}, artifact={}, queries=1)) == "retrieval d single dim 128"
+
+
+def _parity(**changes):
+    from jev4.validate.results import ParityResult
+
+    good = dict(
+        single_cosine_min={"2048": 1.0, "128": 1.0, "full": 1.0},
+        single_cosine_mean={"128": 1.0, "2048": 1.0},
+        single_max_abs={},
+        multi_token_cosine_min=1.0,
+        multi_token_cosine_mean=1.0,
+        maxsim_pearson=1.0,
+        topk_overlap=1.0,
+        score_spearman=1.0,
+    )
+    return ParityResult(**{**good, **changes})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "failing"),
+    [
+        ("multi_token_cosine_min", 0.9989, "parity: multi-vector per-token min cosine"),
+        ("maxsim_pearson", 0.9989, "parity: MaxSim score Pearson"),
+        ("topk_overlap", 0.94, "parity: top-10 overlap"),
+        ("score_spearman", 0.9989, "parity: query-document score Spearman"),
+    ],
+)
+def test_each_parity_check_fails_just_below_its_fp32_bound(field, value, failing):
+    from jev4.validate.thresholds import evaluate
+
+    checks = evaluate(_parity(**{field: value}), [], [], DEFAULTS["fp32"])
+    assert [c.name for c in checks if not c.passed] == [failing]
+    assert all(c.passed for c in evaluate(_parity(), [], [], DEFAULTS["fp32"]))
+
+
+def test_parity_checks_come_in_dim_order_largest_first_then_named_dims():
+    from jev4.validate.thresholds import evaluate
+
+    names = [c.name for c in evaluate(_parity(), [], [], DEFAULTS["fp32"])]
+    assert names[:5] == [
+        "parity: single-vector min cosine (dim 2048)",
+        "parity: single-vector min cosine (dim 128)",
+        "parity: single-vector min cosine (dim full)",
+        "parity: single-vector mean cosine (dim 2048)",
+        "parity: single-vector mean cosine (dim 128)",
+    ]
