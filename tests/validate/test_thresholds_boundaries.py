@@ -101,6 +101,8 @@ def _parity(**changes):
 @pytest.mark.parametrize(
     ("field", "value", "failing"),
     [
+        ("single_cosine_min", {"2048": 0.99989, "128": 1.0, "full": 1.0}, "parity: single-vector min cosine (dim 2048)"),
+        ("single_cosine_mean", {"128": 0.999989, "2048": 1.0}, "parity: single-vector mean cosine (dim 128)"),
         ("multi_token_cosine_min", 0.9989, "parity: multi-vector per-token min cosine"),
         ("maxsim_pearson", 0.9989, "parity: MaxSim score Pearson"),
         ("topk_overlap", 0.94, "parity: top-10 overlap"),
