@@ -128,3 +128,30 @@ def test_parity_checks_come_in_dim_order_largest_first_then_named_dims():
         "parity: single-vector mean cosine (dim 2048)",
         "parity: single-vector mean cosine (dim 128)",
     ]
+
+
+def test_codec_thresholds_take_the_file_override_and_name_unknown_codecs(tmp_path):
+    from jev4.validate.thresholds import CODEC_THRESHOLDS, codec_thresholds
+
+    base = CODEC_THRESHOLDS["binary"]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({base: {"ndcg_drop_max": 0.123}}))
+    assert codec_thresholds("binary+rescore", path).ndcg_drop_max == 0.123  # judged as binary, with the file applied
+    assert codec_thresholds("binary").ndcg_drop_max == DEFAULTS[base].ndcg_drop_max
+    with pytest.raises(ThresholdError, match=rf"^no thresholds for output codec 'float64'; known: {', '.join(CODEC_THRESHOLDS)}$"):
+        codec_thresholds("float64")
+
+
+def test_codec_checks_skip_unjudged_codecs_wherever_they_come():
+    from jev4.validate.results import CodecResult
+    from jev4.validate.thresholds import codec_checks
+
+    def result(codec, ndcg):
+        return CodecResult("d", codec, "single", 64, {"ndcg@10": ndcg, "recall@100": 1.0}, {"ndcg@10": 1.0, "recall@100": 1.0}, 8, 0.1, queries=1000)
+
+    judged = {"int8": DEFAULTS["fp32"]}
+    checks = codec_checks([result("binary", 0.5), result("int8", 0.9), result("float16", 1.0)], judged)  # an unjudged codec first
+    assert [(c.name, c.passed) for c in checks] == [
+        ("codec int8 d single dim 64: nDCG@10 drop vs float32", False),
+        ("codec int8 d single dim 64: Recall@100 drop vs float32", True),
+    ]
