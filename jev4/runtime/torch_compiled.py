@@ -59,10 +59,9 @@ import torch
 from torch import nn
 
 from jev4.errors import EncodeError, SettingsError
-from jev4.model.checkpoint import list_checkpoint_files, resolve_model_dir
-from jev4.model.config import JinaV4Config, load_config
+from jev4.model.config import JinaV4Config
 from jev4.model.encoder import TorchEncoder
-from jev4.model.network import JinaEmbeddingsV4, build_network, load_base_weights, parse_dtype
+from jev4.model.network import JinaEmbeddingsV4, parse_dtype
 from jev4.model.pooling import multi_vector, single_vector
 from jev4.model.preprocess import ModelInputs, Preprocessor, text_position_ids
 
@@ -328,7 +327,7 @@ def load_compiled(
     A compiled network serves one task: the per-sample LoRA selection of the
     unmerged reference would be one more guard (and recompile) per task mix.
     """
-    from jev4.runtime.torch_quantized import _merge_task, check_quantization, quantize_network
+    from jev4.runtime.torch_quantized import check_quantization, load_merged_network, quantize_network
     from jev4.runtime.torchao_fp8 import TORCHAO_FP8, check_torchao_fp8, quantize_model_torchao_fp8
 
     torch_dtype = parse_dtype(dtype)
@@ -336,11 +335,7 @@ def load_compiled(
         check_torchao_fp8(device, torch_dtype)
     elif quantization is not None:
         check_quantization(quantization, device, torch_dtype)
-    model_dir = resolve_model_dir(name_or_path)
-    config = load_config(model_dir)
-    network = build_network(config, torch_dtype, device)
-    load_base_weights(network, list_checkpoint_files(model_dir))
-    task = _merge_task(network, config, model_dir, task, adapter_dir)
+    network, config, model_dir, task = load_merged_network(name_or_path, task, torch_dtype, device, adapter_dir)
     quant_json = None
     if quantization == TORCHAO_FP8:
         quant_json = quantize_model_torchao_fp8(network).to_json()

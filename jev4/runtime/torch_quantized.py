@@ -82,6 +82,20 @@ def compile_language_model(network: JinaEmbeddingsV4) -> None:
     network.model.language_model.compile(dynamic=True)
 
 
+def load_merged_network(
+    name_or_path: str | Path, task: str | None, torch_dtype: torch.dtype, device: str | torch.device, adapter_dir: str | Path | None = None, progress: bool = False
+) -> tuple[JinaEmbeddingsV4, JinaV4Config, Path, str]:
+    """The checkpoint's network with ``task``'s adapter merged in: what every single-task torch path (quantized, compiled) starts from.
+
+    Returns the network, the checkpoint's config, its directory and the task merged.
+    """
+    model_dir = resolve_model_dir(name_or_path)
+    config = load_config(model_dir)
+    network = build_network(config, torch_dtype, device)
+    load_base_weights(network, list_checkpoint_files(model_dir), progress=progress)
+    return network, config, model_dir, _merge_task(network, config, model_dir, task, adapter_dir)
+
+
 def _merge_task(network: JinaEmbeddingsV4, config: JinaV4Config, model_dir: Path, task: str | None, adapter_dir: str | Path | None) -> str:
     """Merge ``task``'s adapter into ``network`` (unless the checkpoint has one merged already); returns the task."""
     from jev4.export.merge import merge_into_network
@@ -117,12 +131,7 @@ def load_quantized(
     """Load a checkpoint, merge ``task``, quantize; see the module docstring."""
     torch_dtype = parse_dtype(dtype)
     check_quantization(quantization, device, torch_dtype)
-    model_dir = resolve_model_dir(name_or_path)
-    config = load_config(model_dir)
-    files = list_checkpoint_files(model_dir)
-    network = build_network(config, torch_dtype, device)
-    load_base_weights(network, files, progress=progress)
-    task = _merge_task(network, config, model_dir, task, adapter_dir)
+    network, config, model_dir, task = load_merged_network(name_or_path, task, torch_dtype, device, adapter_dir, progress)
     selection, settings = quantize_network(network, quantization, fp8)
     if compile:
         compile_language_model(network)
