@@ -9,7 +9,6 @@ tensors decide, and each must fit a base Linear of matching shape.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from jev4.errors import AdapterError, TaskError
+from jev4.json_object import read_json_object
 from jev4.model.checkpoint import ADAPTER_DIR, canonical_name, iter_shard_tensors, read_safetensors_header
 
 log = logging.getLogger(__name__)
@@ -96,14 +96,9 @@ def adapter_dir_of(model_dir: Path) -> Path:
 
 def read_lora_settings(adapter_dir: Path) -> LoraSettings:
     path = adapter_dir / ADAPTER_CONFIG
-    if not path.is_file():
-        raise AdapterError(f"{path}: not found (a jina-embeddings-v4 checkpoint keeps its task adapters in adapters/)")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{path}: must be a JSON object (PEFT's LoraConfig), got {type(cfg).__name__}")
+    cfg = read_json_object(
+        path, AdapterError, "not found (a jina-embeddings-v4 checkpoint keeps its task adapters in adapters/)", "must be a JSON object (PEFT's LoraConfig)"
+    )
     if cfg.get("use_dora"):
         raise AdapterError(f"{path}: DoRA adapters are not supported")
     if cfg.get("bias", "none") != "none":

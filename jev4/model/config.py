@@ -9,7 +9,6 @@ hand the rest to transformers' own ``Qwen2_5_VLConfig``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jev4.errors import ConfigError, EncodeError, TaskError
+from jev4.json_object import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -184,14 +184,7 @@ def _rope_parameters(rope_scaling: dict | None, text: dict, source: str = CONFIG
 def load_config(model_dir: Path) -> JinaV4Config:
     """Read ``model_dir/config.json`` and validate jina's extras."""
     path = Path(model_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found (is {model_dir} a jina-embeddings-v4 checkpoint?)")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json_object(path, ConfigError, f"not found (is {model_dir} a jina-embeddings-v4 checkpoint?)")
     return parse_config(raw, source=str(path))
 
 

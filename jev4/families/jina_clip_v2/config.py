@@ -20,13 +20,13 @@ names (jev4's tiny writer does that). Sources:
 
 from __future__ import annotations
 
-import json
 import numbers
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from jev4.errors import ConfigError, EncodeError
+from jev4.json_object import read_json_object
 
 __all__ = ["CONFIG_NAME", "MODEL_TYPE", "ClipV2Config", "TextTowerConfig", "VisionTowerConfig", "load_config", "parse_config"]
 
@@ -130,14 +130,7 @@ class ClipV2Config:
 def load_config(model_dir: str | Path) -> ClipV2Config:
     """Read and validate ``model_dir/config.json``."""
     path = Path(model_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found (is {model_dir} a jina-clip-v2 checkpoint?)")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json_object(path, ConfigError, f"not found (is {model_dir} a jina-clip-v2 checkpoint?)")
     return parse_config(raw, source=str(path))
 
 
