@@ -254,13 +254,17 @@ def score_single(queries: np.ndarray, documents: Path, dims: Sequence[int], n_do
     k = min(SEARCH_K, n_docs)
     tops = {dim: RunningTopK(len(queries), k) for dim in dims}
     truncated = {dim: truncate_normalize(queries, dim) for dim in dims}
+    # The query side of each codec, once: float queries, or sign codes for the symmetric binary search.
+    stream_queries = [
+        Codes.from_decoder(s.codec.precision, s.codec.encode(truncated[s.dim]), s.codec.decode) if s.codec.precision in ("binary", "ubinary") else truncated[s.dim]
+        for s in codec_streams
+    ]
     for indices, vectors in _shards(documents):
         for dim in dims:
             docs = truncate_normalize(vectors, dim)
             tops[dim].update(truncated[dim] @ docs.T, indices)
-            for stream in (s for s in codec_streams if s.dim == dim):
+            for stream, q in ((s, q) for s, q in zip(codec_streams, stream_queries) if s.dim == dim):
                 codes = Codes.from_decoder(stream.codec.precision, stream.codec.encode(docs), stream.codec.decode)
-                q = Codes.from_decoder(stream.codec.precision, stream.codec.encode(truncated[dim]), stream.codec.decode) if stream.codec.precision in ("binary", "ubinary") else truncated[dim]
                 started = time.perf_counter()
                 stream.top.update(scores(q, codes), indices)
                 stream.seconds += time.perf_counter() - started
