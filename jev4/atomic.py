@@ -496,7 +496,10 @@ def atomic_output_file(out: str | Path, force: bool = False, sources: Iterable[s
             _publish_permissions(tmp)
             _publish(tmp, target, force)
         except BaseException as exc:
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir() and not tmp.is_symlink():  # a writer that made a directory: its error, not unlink's, is the news
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
             _name_output(exc, out)
             raise
     log.info("wrote %s", out)

@@ -60,7 +60,8 @@ GROUPS = (
     Group("model", ("jev4/model/pooling.py", "jev4/model/adapters.py", "jev4/model/lora.py"), ("tests/model/test_lora.py", "tests/model/test_adapters.py", "tests/model/test_encoder.py")),
     Group("merge", ("jev4/export/merge.py",), ("tests/export/test_merge.py",)),
     Group("manifest", ("jev4/export/manifest.py",), ("tests/export/test_manifest.py", "tests/export/test_manifest_format.py")),
-    Group("atomic", ("jev4/atomic.py",), ("tests/test_atomic.py", "tests/reliability/test_outputs.py")),
+    # The in-process tests only: tests/reliability runs whole CLI commands per mutant, minutes each.
+    Group("atomic", ("jev4/atomic.py",), ("tests/test_atomic.py", "tests/test_atomic_units.py")),
     Group("codecs", ("jev4/quant/embeddings.py",), ("tests/quant/test_embeddings.py", "tests/quant/test_properties.py", "tests/quant/test_calibration.py")),
     # The packing half of quant/embeddings.py alone: the bit layouts every stored code depends on.
     Group(
