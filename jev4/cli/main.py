@@ -8,6 +8,7 @@ import sys
 
 from jev4.cli.common import OneLineErrorParser, common_flags, run_command
 from jev4.errors import SettingsError, TaskError
+from jev4.families.registry import family_names
 
 log = logging.getLogger("jev4")
 
@@ -22,10 +23,24 @@ def _int_list(text: str | None, flag: str) -> tuple[int, ...]:
         raise SettingsError(f"{flag} {text!r}: expected comma-separated integers, e.g. 128,256") from None
 
 
-def _make_tiny(args: argparse.Namespace) -> int:
-    from jev4.model.tiny import TINY_SPECS, write_tiny_checkpoint
+# make-tiny flags that are options of some families' tiny writers: flag -> the writer's keyword.
+_TINY_FLAGS = {"--layout": "layout", "--head-dim": "head_dim"}
 
-    print(write_tiny_checkpoint(args.out, seed=args.seed, layout=args.layout, spec=TINY_SPECS[args.head_dim], force=args.force))
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from jev4.families.registry import FAMILIES, family_named
+
+    family = family_named(args.family)
+    options = {}
+    for flag, option in _TINY_FLAGS.items():
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if option not in family.tiny_options:
+            takers = ", ".join(f.name for f in FAMILIES if option in f.tiny_options)
+            raise SettingsError(f"make-tiny {flag}: applies only to {takers}, not to --family {family.name}")
+        options[option] = value
+    print(family.write_tiny(args.out, seed=args.seed, force=args.force, **options))
     return 0
 
 
@@ -302,11 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     common = common_flags()
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tiny = sub.add_parser("make-tiny", parents=[common], help="write the built-in tiny checkpoint (upstream layout, random weights)")
+    tiny = sub.add_parser("make-tiny", parents=[common], help="write a family's built-in tiny checkpoint (upstream layout, random weights)")
     tiny.add_argument("out")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--layout", choices=["old", "new"], default="old", help="base key layout: old (what upstream writes) or new")
-    tiny.add_argument("--head-dim", type=int, choices=[16, 32], default=16, help="attention head size: 16 (the smallest) or 32 (what vLLM's CPU attention accepts)")
+    tiny.add_argument("--family", choices=family_names(), default=family_names()[0], help="model family (default %(default)s)")
+    tiny.add_argument("--layout", choices=["old", "new"], default=None, help="jina-embeddings-v4 only: base key layout, old (what upstream writes; the default) or new")
+    tiny.add_argument("--head-dim", type=int, choices=[16, 32], default=None, help="jina-embeddings-v4 only: attention head size, 16 (the smallest; the default) or 32 (what vLLM's CPU attention accepts)")
     tiny.add_argument("--force", action="store_true")
     tiny.set_defaults(handler=_make_tiny)
 
