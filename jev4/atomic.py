@@ -258,7 +258,7 @@ def _owner_of(entry: Path) -> Owner | None:
     owner = _read_owner(marker) if entry.is_dir() else None
     if owner is not None:
         return owner
-    tail = entry.name.split(_TEMP_TAG if _TEMP_TAG in entry.name else _OLD_TAG, 1)[-1]
+    tail = entry.name.rsplit(_TEMP_TAG if _TEMP_TAG in entry.name else _OLD_TAG, 1)[-1]  # OUT's own name may hold the tag
     pid = tail.split("-", 1)[0]
     return Owner(int(pid), None, socket.gethostname(), "") if pid.isdigit() else None
 

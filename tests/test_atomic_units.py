@@ -562,3 +562,171 @@ def test_atomic_outputs_log_what_they_wrote(tmp_path, caplog):
             tmp.mkdir()  # not a file
     assert str(info.value) == f"{tmp_path / 'g'}: the writer produced no file"
     assert sorted(os.listdir(tmp_path)) == ["d", "f"]  # the directory the writer made instead is removed
+
+
+# --------------------------------------------------------------------------- edges that make mutation testing honest
+
+
+def test_owner_command_is_cut_at_300_characters(monkeypatch):
+    monkeypatch.setattr(atomic.sys, "argv", ["jev4", "x" * 400])
+    assert Owner.current().command == ("jev4 " + "x" * 400)[:300]
+
+
+def test_process_start_survives_a_command_name_with_parentheses(monkeypatch):
+    """The second field is ``(comm)`` and comm may hold ')' and spaces: only the last ')' ends it."""
+    fields = " ".join(["S"] + [str(n) for n in range(4, 30)])  # fields 3 ("S") onwards; field n is "n"
+
+    class FakePath:
+        def __init__(self, path):
+            self.path = path
+
+        def read_text(self):
+            return f"123 (evil) name) {fields}"
+
+    monkeypatch.setattr(atomic, "Path", FakePath)
+    assert atomic._process_start(123) == "22"
+
+
+def test_a_source_that_is_not_local_does_not_end_the_checks(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    with pytest.raises(OutputExistsError, match="which this run reads"):
+        atomic.check_output_path(model / "out", force=False, sources=["org/hub-model", model])
+
+
+def test_lock_file_mode_is_0644_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        held = atomic._acquire(tmp_path / "out")
+    finally:
+        os.umask(old)
+    try:
+        assert os.stat(held.path).st_mode & 0o777 == 0o644
+    finally:
+        atomic._release(held)
+
+
+def test_a_named_holder_is_reported_without_waiting(tmp_path, monkeypatch):
+    held = atomic._acquire(tmp_path / "out")
+    naps = []
+    monkeypatch.setattr(atomic.time, "sleep", naps.append)
+    try:
+        with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
+            atomic._acquire(tmp_path / "out")
+    finally:
+        atomic._release(held)
+    assert naps == []
+
+
+def test_an_unnamed_holder_is_waited_for_one_second_in_steps(tmp_path, monkeypatch):
+    import fcntl
+
+    fd = os.open(tmp_path / ".out.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    naps = []
+    monkeypatch.setattr(atomic.time, "sleep", naps.append)
+    try:
+        with pytest.raises(OutputLockedError, match="another process"):
+            atomic._acquire(tmp_path / "out")
+    finally:
+        os.close(fd)
+    assert naps == [0.05] * 20
+
+
+def test_lock_file_removed_between_flock_and_stat_is_locked_anew(tmp_path, monkeypatch):
+    import fcntl
+
+    path = tmp_path / ".out.lock"
+    real_flock = fcntl.flock
+    calls = []
+
+    def flock_then_vanish(fd, op):
+        calls.append(fd)
+        real_flock(fd, op)
+        if len(calls) == 1:
+            path.unlink()  # the previous holder's release removes the file we just locked
+
+    monkeypatch.setattr(fcntl, "flock", flock_then_vanish)
+    held = atomic._acquire(tmp_path / "out")
+    try:
+        assert len(calls) == 2 and path.exists() and os.fstat(held.fd).st_ino == os.stat(path).st_ino
+    finally:
+        atomic._release(held)
+
+
+def test_owner_of_an_out_whose_name_holds_the_tag(tmp_path):
+    entry = tmp_path / ".run.tmp-a.tmp-321-abcd"  # OUT is "run.tmp-a"
+    entry.mkdir()
+    assert atomic._owner_of(entry) == Owner(321, None, HOST, "")
+
+
+def test_remove_stale_goes_on_past_unrelated_live_and_restored_entries(tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / ".a-unrelated").mkdir()  # sorts first
+    old = tmp_path / f".out.old-{DEAD_PID}-0000"  # sorts before the temps: restored, then the sweep goes on
+    old.mkdir()
+    live = _mark(tmp_path / ".out.tmp-1-0000", 1, started=atomic._process_start(1))
+    dead = tmp_path / f".out.tmp-{DEAD_PID}-ffff"
+    dead.mkdir()
+    assert atomic.remove_stale(out) == [dead]
+    assert out.is_dir() and live.exists() and not dead.exists() and (tmp_path / ".a-unrelated").exists()
+
+
+@pytest.mark.parametrize(("size", "shown"), [(1_049_999, "1.0"), (1_050_000, "1.1")])
+def test_freed_megabytes_are_counted_exactly(tmp_path, caplog, size, shown):
+    """Sizes at a rounding edge of the one-decimal figure: off by one byte or by one in a million shows."""
+    out = tmp_path / "out"
+    own = tmp_path / f".out.tmp-{DEAD_PID}-aaaa"
+    own.mkdir()
+    (own / "data").write_bytes(b"x" * size)
+    other = _mark(tmp_path / ".other.tmp-1-bbbb", DEAD_PID, command="")
+    (other / "data").write_bytes(b"x" * (size - len((other / TEMP_MARKER).read_bytes())))
+    with caplog.at_level(logging.WARNING, logger="jev4.atomic"):
+        atomic.remove_stale(out)
+    assert _records(caplog) == [
+        f"removed 1 unfinished output(s) of {out} left by interrupted runs (pid {DEAD_PID}), {shown} MB: {own.name}",
+        f"removed {other} ({shown} MB): an unfinished output of a run that is gone (pid {DEAD_PID})",
+    ]
+
+
+def test_a_sweep_that_cannot_remove_does_not_fail_the_run(tmp_path, monkeypatch):
+    stubborn = _mark(tmp_path / ".other.tmp-1-aaaa", DEAD_PID)
+
+    def rmtree(path, ignore_errors=False):
+        if not ignore_errors:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(atomic.shutil, "rmtree", rmtree)
+    assert atomic.remove_dead_siblings(tmp_path / "out") == [] and stubborn.exists()
+
+
+@pytest.mark.parametrize(("pid", "by"), [(0, "by an earlier run"), (1, "by pid 1")])
+def test_refusal_names_a_real_pid_only(tmp_path, pid, by):
+    with pytest.raises(Jev4Error, match=f"written {by} that never"):
+        atomic.check_not_temp_dir(tmp_path / f".out.tmp-{pid}-y")
+
+
+def test_renameat2_missing_from_libc_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic.ctypes, "CDLL", lambda *a, **k: object())
+    assert atomic._renameat2(tmp_path / "a", tmp_path / "b", atomic._RENAME_NOREPLACE) is False
+
+
+def test_renameat2_with_relative_paths_works_from_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("src").mkdir()
+    assert atomic._renameat2(Path("src"), Path("dst"), atomic._RENAME_NOREPLACE) and Path("dst").is_dir()
+    Path("src").mkdir()
+    with pytest.raises(OSError) as info:
+        atomic._renameat2(Path("src"), Path("dst"), atomic._RENAME_NOREPLACE)
+    assert (info.value.errno, info.value.strerror) == (errno.EEXIST, os.strerror(errno.EEXIST))
+
+
+def test_single_file_permissions_with_no_umask(tmp_path):
+    single = tmp_path / "single"
+    single.write_text("x")
+    old = os.umask(0)
+    try:
+        atomic._publish_permissions(single)
+    finally:
+        os.umask(old)
+    assert single.stat().st_mode & 0o777 == 0o666
