@@ -730,3 +730,9 @@ def test_single_file_permissions_with_no_umask(tmp_path):
     finally:
         os.umask(old)
     assert single.stat().st_mode & 0o777 == 0o666
+
+
+def test_owner_of_reads_the_pid_before_the_first_dash_of_the_tail(tmp_path):
+    entry = tmp_path / ".out.tmp-12-ab-cd"  # not a name jev4 writes (its random tag is hex), but one a user may make
+    entry.mkdir()
+    assert atomic._owner_of(entry) == Owner(12, None, HOST, "")
