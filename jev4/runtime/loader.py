@@ -193,6 +193,10 @@ def load(
     if backend not in BACKENDS:
         raise Jev4Error(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     check_threads(threads, backend)
+    clip_v2 = _clip_v2_root(path)
+    if clip_v2 is not None:
+        v4_only = {"quantization": quantization, "task": task, "url": url, "vllm_python": vllm_python, "vllm_pooling": vllm_pooling, "triton_python": triton_python, "infinity_python": infinity_python, "compile": compile}
+        return _load_clip_v2(clip_v2, backend, provider, device, dtype, verify, threads, [name for name, value in v4_only.items() if value not in (None, False)])
     info = inspect(path)
     root, manifest, kind = info.root, info.manifest, info.kind
     if backend == "auto":
@@ -251,6 +255,45 @@ def load(
     from jev4.runtime.onnxruntime_backend import OnnxRuntimeEncoder
 
     return _with_output_codec(OnnxRuntimeEncoder(root, manifest, config, Preprocessor.from_dir(root, config), provider=provider, threads=threads), root)
+
+
+def _clip_v2_root(path: str | Path) -> Path | None:
+    """``path`` when it is a local directory whose config.json says jina-clip-v2 (``model_type: jina_clip``), else None (the v4 paths)."""
+    from jev4.families.jina_clip_v2.config import MODEL_TYPE
+
+    root = Path(path).expanduser()
+    return root if root.is_dir() and _raw_config(root).get("model_type") == MODEL_TYPE else None
+
+
+def _load_clip_v2(root: Path, backend: str, provider: str, device: str, dtype: str, verify: bool, threads: int | None, v4_only: list[str]):
+    """jina-clip-v2: its torch reference encoder for a checkpoint, ``ClipV2OnnxEncoder`` for a jev4 clip-v2 ONNX artifact."""
+    from jev4.families.jina_clip_v2.encoder import ClipV2Encoder
+    from jev4.families.jina_clip_v2.onnx_encoder import ClipV2OnnxEncoder, is_clip_v2_artifact
+
+    check_not_temp_dir(root)
+    if v4_only:
+        raise SettingsError(f"{root}: is jina-clip-v2; {', '.join(v4_only)} apply to jina-embeddings-v4 only")
+    manifest = read_manifest(root) if (root / MANIFEST_NAME).is_file() else None
+    if manifest is None:
+        graphs = [name for name in ("text.onnx", "vision.onnx", "model.onnx") if (root / name).is_file()]
+        if graphs:
+            raise ManifestError(f"{root}: holds {', '.join(graphs)} but no {MANIFEST_NAME}; re-export it (without the manifest its files cannot be checked)")
+        if backend not in ("auto", "torch"):
+            raise ManifestError(f"{root}: is a jina-clip-v2 checkpoint, which backend {backend!r} cannot run; use backend='torch' or export it (jev4-export --model {root})")
+        _check_device(device)
+        _set_torch_threads(threads)
+        encoder = ClipV2Encoder.from_pretrained(root, dtype=dtype, device=device)
+        encoder.threads = threads
+        return encoder
+    if not is_clip_v2_artifact(manifest):
+        raise ManifestError(f"{root}: config.json says jina-clip-v2 but the manifest is a {manifest.get('kind')!r} artifact jev4 cannot run for this family")
+    if backend not in ("auto", "onnxruntime"):
+        raise ManifestError(f"{root}: is a jina-clip-v2 ONNX artifact; backend {backend!r} cannot run it: use backend='onnxruntime'")
+    if verify:
+        verify_manifest(root)
+    from jev4.families.jina_clip_v2.config import load_config as load_clip_v2_config
+
+    return _with_output_codec(ClipV2OnnxEncoder(root, manifest, load_clip_v2_config(root), provider=provider, threads=threads), root)
 
 
 def _compile_settings(compile: CompileSettings | bool | None, quantization: str | None, backend: str) -> CompileSettings | None:
