@@ -37,6 +37,12 @@ MUTMUT_VERSION = "3.8.1"
 # A mutant times out (and counts as killed) after this many times its tests' own duration. mutmut's default
 # of 15 let mutants that spin in a retry or wait loop hold a worker for minutes each (atomic, codecs).
 TIMEOUT_MULTIPLIER = 3.0
+# Seconds added to the tests' own duration before multiplying. mutmut's default of 1 s left no room for
+# what its per-test durations leave out: fixture set-up (a tiny checkpoint written and loaded for each
+# mutant, since every mutant runs in a fresh fork) and torch's second thread, which doubles the CPU time
+# that mutmut's limit counts. With 1 s, every mutant of jev4/model/ "timed out", i.e. counted as killed
+# without any test having judged it.
+TIMEOUT_CONSTANT = 10.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,11 @@ def _scratch_copy(group: Group, work: Path) -> Path:
     lines = ["[mutmut]", "source_paths=jev4", "only_mutate=" + "\n  ".join(group.modules), "pytest_add_cli_args_test_selection=" + "\n  ".join(group.tests)]
     lines.append("pytest_add_cli_args=-q\n  -p\n  no:cacheprovider\n  -m\n  not slow and not gpu and not serving")
     lines.append(f"timeout_multiplier={TIMEOUT_MULTIPLIER}")
+    lines.append(f"timeout_constant={TIMEOUT_CONSTANT}")
+    # Fork each mutant's worker from a clean server process, not from mutmut's main process after it ran the
+    # suite: torch's thread pool does not survive a fork, and workers forked after it ran hung until mutmut's
+    # time limit, so they were counted as killed by timeout (every mutant of jev4/model/, 54 of packing).
+    lines.append("process_isolation=forkserver")
     (target / "setup.cfg").write_text("\n".join(lines) + "\n")
     return target
 
