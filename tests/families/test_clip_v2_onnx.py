@@ -224,7 +224,12 @@ def test_fp16_export(clip_dir, tmp_path_factory, reference):
 
 
 def test_jina_signature_graph(clip_dir, tmp_path_factory, reference):
-    art = _export(clip_dir, tmp_path_factory, "jina", jina_signature=True)
+    from jev4.quant.output_codec import OutputCodecSettings, calibrate_output_codec
+
+    codec = calibrate_output_codec(reference.encode_text(TEXTS).numpy(), None, OutputCodecSettings(precision="int8"))
+    out = tmp_path_factory.mktemp("onnx") / "jina"
+    export_clip_v2_onnx(ClipV2OnnxSettings(model=str(clip_dir), out=str(out), jina_signature=True), progress=False, output_codec=codec)
+    art = out
     assert (art / "model.onnx").is_file() and not (art / "text.onnx").exists()
     session = ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input_ids", "pixel_values"]
@@ -245,6 +250,11 @@ def test_jina_signature_graph(clip_dir, tmp_path_factory, reference):
     encoder = load(art)
     assert _row_cosines(encoder.encode_text(TEXTS, prompt_name="query"), reference.encode_text(TEXTS, prompt_name="query")).min() >= FP32_BAR
     assert _row_cosines(encoder.encode_image(_images()), reference.encode_image(_images())).min() >= FP32_BAR
+    # the calibrated int8 output codec recorded at export: codes are the codec applied to the float vectors
+    codes = encoder.encode_text(TEXTS, output_precision="int8", truncate_dim=16)
+    assert codes.dtype == np.int8 and codes.shape == (len(TEXTS), 16)
+    assert np.array_equal(codes, codec.codec("single", 16, "int8").encode(encoder.encode_text(TEXTS, truncate_dim=16).numpy()))
+    assert len(np.unique(codes)) > 8  # not saturated to two values
 
 
 def test_weight_int8(clip_dir, tmp_path_factory, reference):
