@@ -100,13 +100,17 @@ def test_reference_against_itself_is_exact(same):
 
 
 def test_reference_values_on_the_tiny_model(same):
-    """Random weights retrieve little, but the numbers are pinned (a change in data, metrics or model shows here)."""
-    ii = same.result("image->image", 32).reference
-    ti = same.result("text->image", 32).reference
-    assert ti["recall@10"] == pytest.approx(11 / 16) and ti["recall@1"] == pytest.approx(1 / 16)
-    assert ii["recall@10"] == pytest.approx(8 / 16)
-    tt = same.result("text->text", 32).reference
-    assert tt["recall@10"] * 48 == pytest.approx(round(tt["recall@10"] * 48))  # a whole number of the 48 queries
+    """Random weights retrieve little, but the image side is pinned (a change in pages, crops, metrics or the
+    vision tower shows here). Text values are not: the tiny writer's trained tokenizer orders near-equal pieces
+    differently from run to run, so token ids, and with them text vectors, change between checkpoints written anew."""
+    ii = {dim: same.result("image->image", dim).reference for dim in DIMS}
+    assert [ii[d]["recall@10"] for d in DIMS] == pytest.approx([8 / 16, 8 / 16, 8 / 16])
+    assert [ii[d]["recall@1"] for d in DIMS] == pytest.approx([0, 0, 1 / 16])
+    for direction, n in (("text->text", 48), ("text->image", 16)):
+        for dim in DIMS:
+            for k in ("recall@1", "recall@10"):
+                value = same.result(direction, dim).reference[k] * n
+                assert value == pytest.approx(round(value))  # a whole number of the n queries
 
 
 def test_noisy_candidate_moves_metrics_and_cosine(reference, same):
