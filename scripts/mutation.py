@@ -63,7 +63,7 @@ def _functions(module: str, *names: str) -> tuple[str, ...]:
 
 
 GROUPS = (
-    Group("model", ("jev4/model/pooling.py", "jev4/model/adapters.py", "jev4/model/lora.py"), ("tests/model/test_lora.py", "tests/model/test_adapters.py", "tests/model/test_encoder.py")),
+    Group("model", ("jev4/model/pooling.py", "jev4/model/adapters.py", "jev4/model/lora.py"), ("tests/model/test_lora.py", "tests/model/test_adapters.py", "tests/model/test_encoder.py", "tests/model/test_model_core_values.py")),
     Group("merge", ("jev4/export/merge.py",), ("tests/export/test_merge.py",)),
     Group("manifest", ("jev4/export/manifest.py",), ("tests/export/test_manifest.py", "tests/export/test_manifest_format.py")),
     # The in-process tests only: tests/reliability runs whole CLI commands per mutant, minutes each.
