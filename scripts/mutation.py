@@ -70,12 +70,12 @@ GROUPS = (
     Group("manifest", ("jev4/export/manifest.py",), ("tests/export/test_manifest.py", "tests/export/test_manifest_format.py")),
     # The in-process tests only: tests/reliability runs whole CLI commands per mutant, minutes each.
     Group("atomic", ("jev4/atomic.py",), ("tests/test_atomic.py", "tests/test_atomic_units.py")),
-    Group("codecs", ("jev4/quant/embeddings.py",), ("tests/quant/test_embeddings.py", "tests/quant/test_properties.py", "tests/quant/test_calibration.py")),
+    Group("codecs", ("jev4/quant/embeddings.py",), ("tests/quant/test_embeddings.py", "tests/quant/test_properties.py", "tests/quant/test_packing_contract.py", "tests/quant/test_calibration.py")),
     # The packing half of quant/embeddings.py alone: the bit layouts every stored code depends on.
     Group(
         "packing",
         ("jev4/quant/embeddings.py",),
-        ("tests/quant/test_embeddings.py", "tests/quant/test_properties.py"),
+        ("tests/quant/test_embeddings.py", "tests/quant/test_properties.py", "tests/quant/test_packing_contract.py"),
         _functions("jev4.quant.embeddings", "check_precision", "_family", "code_width", "bytes_per_vector", "pack_int4", "unpack_int4", "pack_ternary", "_trit_table", "unpack_ternary", "pack_bits", "unpack_bits"),
     ),
     Group("search", ("jev4/quant/search.py",), ("tests/quant/test_search.py", "tests/quant/test_properties.py")),

@@ -32,6 +32,8 @@ from jev4.quant.search import Codes, hamming_distances, scores  # noqa: E402
 PROFILE = settings(max_examples=60, deadline=None, derandomize=True)  # deterministic in CI: the same examples every run
 
 shapes = st.tuples(st.integers(1, 6), st.integers(1, 70))
+# Packing takes any number of leading dims ([D], [N, D], [B, N, D], ...): the last one is packed.
+nd_shapes = st.tuples(st.lists(st.integers(1, 3), max_size=2), st.integers(1, 70)).map(lambda t: (*t[0], t[1]))
 floats = st.floats(-4.0, 4.0, allow_nan=False, allow_infinity=False, width=32)
 
 
@@ -46,38 +48,45 @@ def matrices(draw, min_rows=1):
 
 
 @PROFILE
-@given(shape=shapes, data=st.data())
+@given(shape=nd_shapes, data=st.data())
 def test_int4_pack_round_trips_and_puts_the_first_dim_in_the_high_nibble(shape, data):
     q = data.draw(hnp.arrays(np.uint8, shape, elements=st.integers(0, 15)))
     packed = pack_int4(q)
-    assert packed.shape == (shape[0], (shape[1] + 1) // 2)
-    np.testing.assert_array_equal(unpack_int4(packed, shape[1]), q)
-    for r in range(shape[0]):
-        for c in range(shape[1]):
-            byte = int(packed[r, c // 2])
-            assert (byte >> 4 if c % 2 == 0 else byte & 0xF) == q[r, c]
+    assert packed.shape == (*shape[:-1], (shape[-1] + 1) // 2) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(unpack_int4(packed, shape[-1]), q)
+    for row in np.ndindex(shape[:-1]):
+        for c in range(shape[-1]):
+            byte = int(packed[row][c // 2])
+            assert (byte >> 4 if c % 2 == 0 else byte & 0xF) == q[row][c]
+        if shape[-1] % 2:
+            assert int(packed[row][-1]) & 0xF == 0  # an odd dim is padded with a zero nibble
 
 
 @PROFILE
-@given(shape=shapes, data=st.data())
+@given(shape=nd_shapes, data=st.data())
 def test_ternary_pack_round_trips_in_base_3(shape, data):
     signs = data.draw(hnp.arrays(np.int8, shape, elements=st.integers(-1, 1)))
     packed = pack_ternary(signs)
-    assert packed.shape == (shape[0], -(-shape[1] // 5)) and int(packed.max()) < 243
-    np.testing.assert_array_equal(unpack_ternary(packed, shape[1]), signs)
-    padded = np.concatenate([signs, np.zeros((shape[0], (-shape[1]) % 5), np.int8)], axis=1) + 1
-    for r in range(shape[0]):
-        for g in range(packed.shape[1]):
-            assert int(packed[r, g]) == sum(int(t) * 3 ** (4 - i) for i, t in enumerate(padded[r, 5 * g : 5 * g + 5]))
+    assert packed.shape == (*shape[:-1], -(-shape[-1] // 5)) and packed.dtype == np.uint8 and int(packed.max()) < 243
+    np.testing.assert_array_equal(unpack_ternary(packed, shape[-1]), signs)
+    for row in np.ndindex(shape[:-1]):
+        padded = [int(t) + 1 for t in signs[row]] + [1] * ((-shape[-1]) % 5)  # padding is the trit of 0
+        for g in range(packed.shape[-1]):
+            assert int(packed[row][g]) == sum(t * 3 ** (4 - i) for i, t in enumerate(padded[5 * g : 5 * g + 5]))
 
 
 @PROFILE
-@given(shape=shapes, data=st.data())
+@given(shape=nd_shapes, data=st.data())
 def test_bit_pack_round_trips(shape, data):
     bits = data.draw(hnp.arrays(np.bool_, shape))
     packed = pack_bits(bits)
-    assert packed.shape == (shape[0], -(-shape[1] // 8))
-    np.testing.assert_array_equal(unpack_bits(packed, shape[1]), bits)
+    assert packed.shape == (*shape[:-1], -(-shape[-1] // 8)) and packed.dtype == np.uint8
+    unpacked = unpack_bits(packed, shape[-1])
+    assert unpacked.dtype == np.bool_
+    np.testing.assert_array_equal(unpacked, bits)
+    for row in np.ndindex(shape[:-1]):
+        for c in range(shape[-1]):
+            assert (int(packed[row][c // 8]) >> (7 - c % 8)) & 1 == int(bits[row][c])  # big-endian within a byte
 
 
 @PROFILE
