@@ -174,6 +174,14 @@ def _bench_edge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_clip(args: argparse.Namespace) -> int:
+    from jev4.bench.clip import ClipBenchSettings, run_clip_bench, table
+
+    summary = run_clip_bench(ClipBenchSettings(out=args.out, size=args.size, workdir=args.workdir, keep=args.keep, repeats=args.repeats, step_timeout_s=args.step_timeout, force=args.force))
+    print(table(summary), end="")
+    return 0
+
+
 def _bench_serving(args: argparse.Namespace) -> int:
     from jev4.bench.serving import ENGINES, ServingBenchSettings, markdown, run_serving_bench
 
@@ -524,6 +532,15 @@ def build_parser() -> argparse.ArgumentParser:
     edge.add_argument("--no-keep", action="store_true", help="delete each artifact after it is measured")
     edge.add_argument("--force", action="store_true")
     edge.set_defaults(handler=_bench_edge)
+    clip = bench_sub.add_parser("clip", parents=[common], help="jina-clip-v2 (random weights): parameter counts, ONNX fp32/fp16/int8 export time and peak RSS, CPU tokens/s and images/s vs torch fp32 (docs/benchmarks.md)")
+    clip.add_argument("--size", choices=["full", "tiny"], default="full", help="full: the real architecture with random weights; tiny: to try the harness")
+    clip.add_argument("--out", required=True, help="directory for clip.json/.md/.png (republished after every step)")
+    clip.add_argument("--workdir", help="source checkpoint and artifacts (~9 GB at full size; default OUT-work, removed at the end unless --keep)")
+    clip.add_argument("--keep", action="store_true", help="keep the source checkpoint and artifacts")
+    clip.add_argument("--repeats", type=int, default=2, help="timed calls after the warm-up (the median is reported)")
+    clip.add_argument("--step-timeout", type=float, default=3600.0, help="seconds before a step (export or measurement) is killed and recorded as such")
+    clip.add_argument("--force", action="store_true", help="replace --out if it exists")
+    clip.set_defaults(handler=_bench_clip)
     serving = bench_sub.add_parser("serving", parents=[common], help="one --text-only export through torch, vLLM, Triton and infinity-emb: start time, latency, throughput (docs/serving.md)")
     serving.add_argument("export", help="a --text-only export (jev4-export --text-only)")
     serving.add_argument("--engines", help="comma-separated, from torch,vllm-embed,vllm-token_embed,triton-http,triton-grpc,infinity (default: all)")
