@@ -34,6 +34,8 @@ __all__ = ["TinyClipSpec", "tiny_config", "write_tiny_checkpoint"]
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # XLM-R's first four ids
 MASK_TOKEN = "<mask>"  # XLM-R's last id
+# Unigram scores are kept to this many decimals in tokenizer.json (see canonical_unigram: why the trained ones are not).
+SCORE_DECIMALS = 2
 NORM_SUFFIXES = ("norm1.weight", "norm2.weight", "emb_ln.weight", "inner_attn_ln.weight", "ffn_ln.weight", "norm.weight")
 
 
@@ -73,10 +75,37 @@ def train_tokenizer(spec: TinyClipSpec):
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
     )
+    tok = Tokenizer.from_str(canonical_unigram(tok.to_str()))
     ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
     if ids != [0, 1, 2, 3]:
         raise RuntimeError(f"the tiny tokenizer's special ids are {ids}, expected XLM-R's [0, 1, 2, 3]")  # a tokenizers change
     return tok
+
+
+def canonical_unigram(tokenizer_json: str) -> str:
+    """``tokenizer_json`` with its Unigram pieces in one order that every training run reproduces.
+
+    Why: tokenizers' Unigram trainer gives the same set of pieces on every run
+    but not the same file. Pieces with equal scores come out in hash-map
+    order, the single characters it appends at the end (every character of
+    the corpus must stay encodable) get scores 1e-4 apart in hash-set order,
+    and the EM sums differ in the last float digit (parallel reductions). The
+    ids, and so the text vectors of a tiny checkpoint, then changed from one
+    write to the next. Here the special tokens keep ids 0-3; every other
+    piece gets its score rounded to :data:`SCORE_DECIMALS` decimals (which
+    puts the appended characters, 2e-3 apart in all, into one score) and the
+    pieces are ordered by score (highest first), then by the piece itself.
+    Rounding only merges near-ties of a toy vocabulary, so tokenization
+    barely changes and stays deterministic (the Viterbi search sees one vocab).
+    """
+    data = json.loads(tokenizer_json)
+    model = data["model"]
+    if model.get("type") != "Unigram":
+        raise RuntimeError(f"the tiny tokenizer's model is {model.get('type')!r}, expected 'Unigram'")  # a tokenizers change
+    head, rest = model["vocab"][: len(SPECIAL_TOKENS)], model["vocab"][len(SPECIAL_TOKENS) :]
+    rounded = [(piece, round(float(score), SCORE_DECIMALS) + 0.0) for piece, score in rest]  # + 0.0: no -0.0
+    model["vocab"] = [*head, *(list(p) for p in sorted(rounded, key=lambda p: (-p[1], p[0])))]
+    return json.dumps(data, ensure_ascii=False, indent=2)
 
 
 def write_tokenizer(tok, out: Path) -> None:
