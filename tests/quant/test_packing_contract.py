@@ -88,3 +88,10 @@ def test_which_calibrations_fit_which_precisions(calibrated, used, fits):
         with pytest.raises(EmbeddingQuantError) as info:
             EmbeddingCodec(used, calibration=cal)
         assert str(info.value) == f"a {calibrated} calibration does not fit precision {used!r}"
+
+
+def test_negative_ternary_codes_are_refused_not_read_from_the_end_of_the_table():
+    """Signed codes (a caller's int8 or int64 array) are read as the bytes they are; -1 must not index row 242."""
+    for codes, byte in ((np.array([[-1]]), 255), (np.array([[-13]], dtype=np.int8), 243)):
+        with pytest.raises(EmbeddingQuantError, match=f"hold byte {byte};"):
+            unpack_ternary(codes, 5)
