@@ -277,9 +277,78 @@ def _codec_list(text: str | None) -> tuple[str, ...] | None:
     return tuple(check_codec(name) for name in names)
 
 
+# jev4 validate's defaults where a family's own default differs (the parser leaves these unset when not given).
+VALIDATE_MAX_QUERIES = 200
+VALIDATE_MAX_DOCS = 1000
+
+# v4-only validate options: dest -> the flag, refused for jina-clip-v2 when given (a value other than the parser's default).
+_V4_VALIDATE_OPTIONS = {
+    "dataset": "--dataset",
+    "sts": "--sts",
+    "url": "--url",
+    "vllm_pooling": "--vllm-pooling",
+    "no_multivector": "--no-multivector",
+    "no_probes": "--no-probes",
+    "codecs": "--codecs",
+    "ray": "--ray",
+    "workers": "--workers",
+    "gpus_per_worker": "--gpus-per-worker",
+    "shard_size": "--shard-size",
+    "embeddings": "--embeddings",
+}
+
+
+def _validate_clip(args: argparse.Namespace) -> int:
+    """``jev4 validate`` on a jina-clip-v2 reference (``jev4.validate.clip_validate``): no adapter, its own data and thresholds."""
+    from jev4.validate.clip_retrieval import ClipRetrievalSettings
+    from jev4.validate.clip_validate import ClipValidateSettings, validate_clip
+
+    if args.adapter is not None:
+        raise SettingsError(f"--adapter {args.adapter}: {args.reference} is jina-clip-v2, which has no task adapters (its one LoRA is merged at load); drop --adapter")
+    given = [flag for dest, flag in _V4_VALIDATE_OPTIONS.items() if getattr(args, dest) not in (None, False, [])]
+    if args.backend not in ("auto", "onnxruntime"):
+        given.append(f"--backend {args.backend}")
+    if given:
+        raise SettingsError(f"{', '.join(given)}: not for jina-clip-v2 ({args.reference}); it is validated on multilingual-names and pydoc-pages (text->text, text->image, image->image)")
+    retrieval = ClipRetrievalSettings(
+        text_queries=getattr(args, "max_queries", VALIDATE_MAX_QUERIES),
+        text_docs=getattr(args, "max_docs", None),  # all 257 English names unless --max-docs cuts them
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+    )
+    report = validate_clip(
+        ClipValidateSettings(
+            reference=args.reference,
+            artifact=args.artifact,
+            out=args.out,
+            thresholds=args.thresholds,
+            precision=args.precision,
+            provider=args.provider,
+            threads=args.threads,
+            retrieval=retrieval,
+            force=args.force,
+        )
+    )
+    return _print_verdict(report, args.out)
+
+
+def _print_verdict(report, out: str) -> int:
+    """The verdict on stdout (what scripts and the demos read); exit code 0 PASS, 1 FAIL."""
+    print(f"verdict: {'PASS' if report.passed else 'FAIL'} ({len(report.checks) - len(report.failures)}/{len(report.checks)} checks passed)")
+    for check in report.failures:
+        print(f"  failed: {check.describe()}")
+    print(f"report: {out}/report.html")
+    return 0 if report.passed else 1
+
+
 def _validate(args: argparse.Namespace) -> int:
+    from jev4.validate.clip_validate import is_clip_v2
     from jev4.validate.runner import ValidateSettings, validate
 
+    if is_clip_v2(args.reference):
+        return _validate_clip(args)
+    if args.adapter is None:
+        raise SettingsError(f"--adapter is required for jina-embeddings-v4 ({args.reference}): the task the artifact was built with (retrieval, text-matching or code)")
     report = validate(
         ValidateSettings(
             reference=args.reference,
@@ -295,8 +364,8 @@ def _validate(args: argparse.Namespace) -> int:
             url=args.url,
             vllm_pooling=args.vllm_pooling,
             threads=args.threads,
-            max_queries=args.max_queries,
-            max_docs=args.max_docs,
+            max_queries=getattr(args, "max_queries", VALIDATE_MAX_QUERIES),
+            max_docs=getattr(args, "max_docs", VALIDATE_MAX_DOCS),
             max_length=args.max_length,
             batch_size=args.batch_size,
             multivector=not args.no_multivector,
@@ -311,11 +380,7 @@ def _validate(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     )
-    print(f"verdict: {'PASS' if report.passed else 'FAIL'} ({len(report.checks) - len(report.failures)}/{len(report.checks)} checks passed)")
-    for check in report.failures:
-        print(f"  failed: {check.describe()}")
-    print(f"report: {args.out}/report.html")
-    return 0 if report.passed else 1
+    return _print_verdict(report, args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,10 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("rest", nargs=argparse.REMAINDER)  # listed here; main() hands `jev4 export ...` to jev4-export's parser
 
     val = sub.add_parser("validate", parents=[common], help="parity and retrieval quality of an artifact vs the reference; exit 0 pass, 1 fail, 2 bad input")
-    val.add_argument("--reference", required=True, help="reference checkpoint (dir or hub id), run with unmerged adapters in fp32")
-    val.add_argument("--adapter", required=True, help="task adapter the artifact was built with")
+    val.add_argument("--reference", required=True, help="reference checkpoint (dir or hub id), run with unmerged adapters in fp32; a jina-clip-v2 dir is validated on its own sets")
+    val.add_argument("--adapter", help="task adapter the artifact was built with (jina-embeddings-v4: required; jina-clip-v2 has none)")
     val.add_argument("--artifact", required=True, help="artifact dir (ONNX artifact, merged checkpoint, ...)")
-    val.add_argument("--dataset", action="append", help="built-in name (stdlib-code, pydoc-pages) or a BEIR dir; repeatable (default: stdlib-code)")
+    val.add_argument("--dataset", action="append", help="built-in name (stdlib-code, pydoc-pages, multilingual-names) or a BEIR dir; repeatable (default: stdlib-code; jina-clip-v2: its own sets)")
     val.add_argument("--sts", action="append", default=[], help="tsv of sentence1, sentence2, score (STS Spearman)")
     val.add_argument("--thresholds", help="JSON file overriding the default thresholds")
     val.add_argument("--precision", help="threshold set to use (default: from the artifact's manifest)")
@@ -382,8 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--vllm-pooling", choices=["embed", "token_embed"], help="pooling of the vLLM server jev4 starts: token_embed (default: single and multi-vectors) or embed (/v1/embeddings, single only)"
     )
     val.add_argument("--threads", type=int, help="CPU threads of the artifact's in-process engine (not for served backends or tensorrt); default: the engine's own")
-    val.add_argument("--max-queries", type=int, default=200)
-    val.add_argument("--max-docs", type=_count_or_all, default=1000, help="documents per dataset (the relevant ones first), or 'all' (default: 1000)")
+    val.add_argument("--max-queries", type=int, default=argparse.SUPPRESS, help=f"queries per dataset (default {VALIDATE_MAX_QUERIES}; jina-clip-v2: multilingual-names queries)")
+    val.add_argument(
+        "--max-docs",
+        type=_count_or_all,
+        default=argparse.SUPPRESS,
+        help=f"documents per dataset (the relevant ones first), or 'all' (default: {VALIDATE_MAX_DOCS}; jina-clip-v2: all 257 multilingual-names documents)",
+    )
     val.add_argument("--max-length", type=int, default=512)
     val.add_argument("--batch-size", type=int, default=8)
     val.add_argument("--no-multivector", action="store_true", help="skip MaxSim scoring")

@@ -7,6 +7,9 @@ The built-ins are made from text every Python installation carries, so that
   source, from the installed standard library (task ``code``).
 - ``pydoc-pages`` (:func:`rendered_pages`): a query naming a Python help
   topic -> an image of that topic's help text (task ``retrieval``).
+- ``multilingual-names`` (:func:`multilingual_names`): a territory's name in
+  one of 16 languages -> its English name, from the CLDR data babel ships
+  (jina-clip-v2's text->text check; usable by any text model).
 
 Both are deterministic for a given Python installation (and, for the
 images, Pillow version); :meth:`RetrievalDataset.checksum` pins the exact
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from jev4.datasets.containers import DatasetError, RetrievalDataset, STSDataset
 from jev4.datasets.files import load_beir, load_sts_tsv
+from jev4.datasets.multilingual_names import multilingual_names
 from jev4.datasets.pydoc_pages import rendered_pages
 from jev4.datasets.stdlib_code import stdlib_code_search
 
@@ -30,6 +34,7 @@ __all__ = [
     "STSDataset",
     "load_beir",
     "load_sts_tsv",
+    "multilingual_names",
     "rendered_pages",
     "resolve_dataset",
     "stdlib_code_search",
@@ -38,6 +43,7 @@ __all__ = [
 BUILTIN: dict[str, Callable[[], RetrievalDataset]] = {
     "stdlib-code": stdlib_code_search,
     "pydoc-pages": rendered_pages,
+    "multilingual-names": multilingual_names,
 }
 
 

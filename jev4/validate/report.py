@@ -1,5 +1,8 @@
 """Reports of a validation run: report.json (the data), report.md (a summary) and report.html (one standalone file).
 
+jina-clip-v2 runs (``jev4.validate.clip_validate``) get the same three files
+from ``write_clip_reports``, sharing the tables, banner and plots that fit.
+
 Everything here is computed from a ``ValidationReport`` alone, so the reports
 can be rebuilt from a saved report. The HTML page has no external assets and
 no JavaScript: inline CSS, plots embedded as base64 PNG, every text escaped.
@@ -252,11 +255,7 @@ def render_markdown(report: ValidationReport) -> str:
         lines.append("")
     lines += [" · ".join(f"{k}: `{v}`" for k, v in _context(report)), ""]
 
-    lines += ["## Checks", ""]
-    if report.checks:
-        lines += _md_table(["check", "value", "bound", "result"], [[c.name, _check_value(c), _bound(c), "pass" if c.passed else "**FAIL**"] for c in report.checks], "lrrc")
-    else:
-        lines += ["No checks were run.", ""]
+    lines += _md_checks(report.checks)
 
     parity = report.parity
     lines += ["## Parity on the probe set", ""]
@@ -293,19 +292,7 @@ def render_markdown(report: ValidationReport) -> str:
     lines += ["## Retrieval", ""]
     if not report.retrieval:
         lines += ["No retrieval datasets.", ""]
-    for dataset, results in _group_by_dataset(report.retrieval).items():
-        keys = _metric_keys(results)
-        header = ["scoring", "dim"]
-        for key in keys:
-            header += [f"{_label(key)} ref", f"{_label(key)} art", "Δ"]
-        rows = []
-        for r in results:
-            row: list[Any] = [r.scoring, r.dim if r.dim else "-"]
-            delta = r.delta
-            for key in keys:
-                row += [_fmt(r.reference.get(key)), _fmt(r.artifact.get(key)), _signed(delta.get(key))]
-            rows.append(row)
-        lines += [f"### {dataset}", ""] + _md_table(header, rows)
+    lines += _md_retrieval(report.retrieval)
 
     if report.codecs:
         lines += ["## Output codecs", "", CODEC_NOTE, ""]
@@ -320,12 +307,45 @@ def render_markdown(report: ValidationReport) -> str:
             [[s.dataset, _fmt(s.reference_spearman), _fmt(s.artifact_spearman), _signed(_diff(s.artifact_spearman, s.reference_spearman))] for s in report.sts],
         )
 
+    lines += _md_tail(report)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _md_checks(checks: list[MetricCheck]) -> list[str]:
+    lines = ["## Checks", ""]
+    if checks:
+        return lines + _md_table(["check", "value", "bound", "result"], [[c.name, _check_value(c), _bound(c), "pass" if c.passed else "**FAIL**"] for c in checks], "lrrc")
+    return lines + ["No checks were run.", ""]
+
+
+def _md_retrieval(results: list[RetrievalResult]) -> list[str]:
+    """One table per dataset: reference, artifact and Δ of every metric, per scoring x dim."""
+    lines: list[str] = []
+    for dataset, group in _group_by_dataset(results).items():
+        keys = _metric_keys(group)
+        header = ["scoring", "dim"]
+        for key in keys:
+            header += [f"{_label(key)} ref", f"{_label(key)} art", "Δ"]
+        rows = []
+        for r in group:
+            row: list[Any] = [r.scoring, r.dim if r.dim else "-"]
+            delta = r.delta
+            for key in keys:
+                row += [_fmt(r.reference.get(key)), _fmt(r.artifact.get(key)), _signed(delta.get(key))]
+            rows.append(row)
+        lines += [f"### {dataset}", ""] + _md_table(header, rows)
+    return lines
+
+
+def _md_tail(report: Any) -> list[str]:
+    """Thresholds, settings and environment (any report with ``settings``, ``environment`` and ``precision``)."""
+    lines: list[str] = []
     thresholds = _thresholds(report)
     if thresholds:
         lines += [f"## Thresholds ({report.precision})", ""] + _md_table(["threshold", "value"], [[k, _plain(v)] for k, v in thresholds.items()])
     lines += ["## Settings", ""] + _md_table(["setting", "value"], [[k, f"`{v}`"] for k, v in _flatten(report.settings, skip=("thresholds",))], "ll")
     lines += ["## Environment", ""] + _md_table(["", "value"], [[k, f"`{v}`"] for k, v in _flatten(report.environment)], "ll")
-    return "\n".join(lines).rstrip() + "\n"
+    return lines
 
 
 def _diff(a: Any, b: Any) -> float:
@@ -646,27 +666,7 @@ def render_html(report: ValidationReport) -> str:
     verdict = "PASS" if report.passed else "FAIL"
     checks_by_name = {c.name: c for c in report.checks}
     plots, plot_note = _plots(report)
-    context = " · ".join(f"{_e(k)} <code>{_e(v)}</code>" for k, v in _context(report))
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>jev4 validate: {verdict}</title>",
-        f"<style>\n{CSS}\n</style></head>",
-        '<body><main class="container">',
-        f'<header><h1>jev4 validate</h1><p class="context">{context}</p></header>',
-    ]
-
-    # verdict banner
-    banner = [f'<section class="verdict {verdict.lower()}"><div class="big">{verdict}</div><div class="count">{_e(_headline(report))}</div>']
-    if report.failures:
-        shown = report.failures[:BANNER_MAX_FAILURES]
-        items = "".join(f"<li><b>{_e(c.name)}</b> = {_e(_check_value(c))} (needs {_e(_bound(c))})</li>" for c in shown)
-        if len(report.failures) > len(shown):
-            items += f"<li>and {len(report.failures) - len(shown)} more (see All checks)</li>"
-        banner.append(f"<ul>{items}</ul>")
-    banner.append("</section>")
-    parts += banner
+    parts = _html_head(report, verdict)
 
     # parity
     parts.append("<h2>Parity on the probe set</h2>")
@@ -727,20 +727,7 @@ def render_html(report: ValidationReport) -> str:
         parts.append('<p class="note">No retrieval datasets.</p>')
     else:
         parts.append('<p class="note">Reference and artifact on each labelled dataset; Δ = artifact - reference. A highlighted Δ is a drop beyond its threshold.</p>')
-    for dataset, results in _group_by_dataset(report.retrieval).items():
-        keys = _metric_keys(results)
-        top = '<tr><th rowspan="2">scoring</th><th rowspan="2" class="num">dim</th>' + "".join(f'<th colspan="3" class="group sep">{_e(_label(k))}</th>' for k in keys) + "</tr>"
-        sub = "<tr>" + "".join('<th class="num sep">ref</th><th class="num">artifact</th><th class="num">Δ</th>' for _ in keys) + "</tr>"
-        rows = []
-        for r in results:
-            delta = r.delta
-            cells = [_td(r.scoring), _td(r.dim if r.dim else "-", "num")]
-            for k in keys:
-                check = checks_by_name.get(f"{retrieval_label(r)}: {_label(k)} drop")
-                dcls = "num bad" if check and not check.passed else "num"
-                cells += [_td(_fmt(r.reference.get(k)), "num sep"), _td(_fmt(r.artifact.get(k)), "num"), _td(_signed(delta.get(k)), dcls)]
-            rows.append("<tr>" + "".join(cells) + "</tr>")
-        parts.append(f"<h3>{_e(dataset)}</h3><table><thead>{top}{sub}</thead><tbody>{''.join(rows)}</tbody></table>")
+    parts += _html_retrieval(report.retrieval, checks_by_name)
     parts += [_figure_html(uri, caption) for section, caption, uri in plots if section == "retrieval"]
 
     if report.codecs:
@@ -772,21 +759,70 @@ def render_html(report: ValidationReport) -> str:
             )
         parts.append(_html_table([("dataset", ""), ("reference Spearman", "num"), ("artifact Spearman", "num"), ("Δ", "num")], rows, "compact"))
 
-    # checks
-    parts.append(f"<h2>All checks ({len(report.checks)})</h2>")
-    if report.checks:
-        rows = []
-        for c in report.checks:
-            pill = '<span class="pill pass">pass</span>' if c.passed else '<span class="pill fail">FAIL</span>'
-            rows.append(f'<tr class="{"" if c.passed else "failed"}">{_td(c.name)}{_td(_check_value(c), "num")}{_td(_bound(c), "num")}<td>{pill}</td></tr>')
-        parts.append(_html_table([("check", ""), ("value", "num"), ("bound", "num"), ("result", "")], rows))
-    else:
-        parts.append('<p class="note">No checks were run.</p>')
-
+    parts += _html_checks(report.checks)
     if plot_note:
         parts.append(f'<p class="note">{_e(plot_note)}</p>')
+    parts += _html_tail(report)
+    return "\n".join(parts) + "\n"
 
-    # thresholds, settings, environment
+
+def _html_head(report: Any, verdict: str, title: str = "jev4 validate") -> list[str]:
+    """The page's head, title, context line and verdict banner (any report with ``checks``, ``failures``, ``settings``)."""
+    context = " · ".join(f"{_e(k)} <code>{_e(v)}</code>" for k, v in _context(report))
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}: {verdict}</title>",
+        f"<style>\n{CSS}\n</style></head>",
+        '<body><main class="container">',
+        f'<header><h1>{_e(title)}</h1><p class="context">{context}</p></header>',
+    ]
+    banner = [f'<section class="verdict {verdict.lower()}"><div class="big">{verdict}</div><div class="count">{_e(_headline(report))}</div>']
+    if report.failures:
+        shown = report.failures[:BANNER_MAX_FAILURES]
+        items = "".join(f"<li><b>{_e(c.name)}</b> = {_e(_check_value(c))} (needs {_e(_bound(c))})</li>" for c in shown)
+        if len(report.failures) > len(shown):
+            items += f"<li>and {len(report.failures) - len(shown)} more (see All checks)</li>"
+        banner.append(f"<ul>{items}</ul>")
+    banner.append("</section>")
+    return parts + banner
+
+
+def _html_retrieval(results: list[RetrievalResult], checks_by_name: dict[str, MetricCheck]) -> list[str]:
+    """One table per dataset; a Δ whose drop check failed is highlighted."""
+    parts = []
+    for dataset, group in _group_by_dataset(results).items():
+        keys = _metric_keys(group)
+        top = '<tr><th rowspan="2">scoring</th><th rowspan="2" class="num">dim</th>' + "".join(f'<th colspan="3" class="group sep">{_e(_label(k))}</th>' for k in keys) + "</tr>"
+        sub = "<tr>" + "".join('<th class="num sep">ref</th><th class="num">artifact</th><th class="num">Δ</th>' for _ in keys) + "</tr>"
+        rows = []
+        for r in group:
+            delta = r.delta
+            cells = [_td(r.scoring), _td(r.dim if r.dim else "-", "num")]
+            for k in keys:
+                check = checks_by_name.get(f"{retrieval_label(r)}: {_label(k)} drop")
+                dcls = "num bad" if check and not check.passed else "num"
+                cells += [_td(_fmt(r.reference.get(k)), "num sep"), _td(_fmt(r.artifact.get(k)), "num"), _td(_signed(delta.get(k)), dcls)]
+            rows.append("<tr>" + "".join(cells) + "</tr>")
+        parts.append(f"<h3>{_e(dataset)}</h3><table><thead>{top}{sub}</thead><tbody>{''.join(rows)}</tbody></table>")
+    return parts
+
+
+def _html_checks(checks: list[MetricCheck]) -> list[str]:
+    parts = [f"<h2>All checks ({len(checks)})</h2>"]
+    if not checks:
+        return parts + ['<p class="note">No checks were run.</p>']
+    rows = []
+    for c in checks:
+        pill = '<span class="pill pass">pass</span>' if c.passed else '<span class="pill fail">FAIL</span>'
+        rows.append(f'<tr class="{"" if c.passed else "failed"}">{_td(c.name)}{_td(_check_value(c), "num")}{_td(_bound(c), "num")}<td>{pill}</td></tr>')
+    return parts + [_html_table([("check", ""), ("value", "num"), ("bound", "num"), ("result", "")], rows)]
+
+
+def _html_tail(report: Any) -> list[str]:
+    """Thresholds, settings, environment and the closing tags."""
+    parts = []
     thresholds = _thresholds(report)
     if thresholds:
         parts.append(f"<h2>Thresholds ({_e(report.precision)})</h2>")
@@ -798,6 +834,173 @@ def render_html(report: ValidationReport) -> str:
     parts.append(_html_table([("item", ""), ("value", "")], [f"<tr>{_td(k)}<td><code>{_e(v)}</code></td></tr>" for k, v in _flatten(report.environment)], "kv"))
     parts.append("<footer>Written by jev4 validate. report.json in the same directory holds every number on this page.</footer>")
     parts.append("</main></body></html>")
+    return parts
+
+
+# --------------------------------------------------------------------------- jina-clip-v2
+# A clip-v2 report (jev4.validate.clip_validate.ClipValidationReport) has no probe set, multi-vectors, codecs or
+# STS: its parity is the cosine per input group x dim. Its retrieval results are v4's RetrievalResult, so the
+# retrieval tables and plots above serve it unchanged; only the parity table and plot are its own.
+
+CLIP_TITLE = "jev4 validate (jina-clip-v2)"
+CLIP_TOP_LEVEL_ORDER = ("passed", "failures", "family", "precision", "thresholds", "checks", "parity", "retrieval", "checksums", "settings", "environment")
+CLIP_PARITY_NOTE = (
+    "Cosine between the reference's and the artifact's vector of every input, per input group and Matryoshka dim "
+    "(smaller dims: the full vector truncated, then L2-normalised). Queries get the retrieval prompt, documents none."
+)
+CLIP_RETRIEVAL_NOTE = (
+    "text->text: multilingual-names (a territory's name in one of 16 languages -> its English name); text->image: pydoc-pages "
+    "(a help topic -> its rendered page); image->image: each page's top-left crop -> the page. Δ = artifact - reference; "
+    "a highlighted Δ is a drop beyond its threshold (never tighter than one query's worth)."
+)
+
+
+def write_clip_reports(report: Any, out_dir: Path) -> dict[str, Path]:
+    """report.json, report.md and report.html of a jina-clip-v2 validation into ``out_dir`` (the names v4 uses)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out_dir / name for kind, name in REPORT_FILES.items()}
+    paths["json"].write_text(json.dumps(clip_report_json(report), indent=2, allow_nan=False, ensure_ascii=False) + "\n", encoding="utf-8")
+    paths["md"].write_text(render_clip_markdown(report), encoding="utf-8")
+    paths["html"].write_text(render_clip_html(report), encoding="utf-8")
+    return paths
+
+
+def clip_report_json(report: Any) -> dict[str, Any]:
+    """``report.to_json()`` verdict first, in valid JSON values."""
+    data = report.to_json()
+    ordered = {key: data[key] for key in CLIP_TOP_LEVEL_ORDER if key in data}
+    ordered.update({key: value for key, value in data.items() if key not in ordered})
+    return _json_safe(ordered)
+
+
+def _clip_parity_rows(report: Any) -> list[tuple[Any, MetricCheck | None, MetricCheck | None]]:
+    checks = {c.name: c for c in report.checks}
+    return [(p, checks.get(f"parity: {p.inputs} min cosine (dim {p.dim})"), checks.get(f"parity: {p.inputs} mean cosine (dim {p.dim})")) for p in report.parity]
+
+
+def render_clip_markdown(report: Any) -> str:
+    verdict = "PASS" if report.passed else "FAIL"
+    lines = [f"# {CLIP_TITLE}: {verdict} ({_headline(report)})", ""]
+    for check in report.failures:
+        lines.append(f"- **FAILED** {check.name} = {_check_value(check)} (needs {_bound(check)})")
+    if report.failures:
+        lines.append("")
+    lines += [" · ".join(f"{k}: `{v}`" for k, v in _context(report)), ""]
+    lines += ["## Parity per input group", "", CLIP_PARITY_NOTE, ""]
+    lines += _md_table(
+        ["inputs", "dim", "rows", "min cosine", "mean cosine", "max abs error", "result"],
+        [
+            [p.inputs, p.dim, p.rows, _fmt_cos(p.min_cosine), _fmt_cos(p.mean_cosine), _sci(p.max_abs), "pass" if all(c is None or c.passed for c in (cmin, cmean)) else "**FAIL**"]
+            for p, cmin, cmean in _clip_parity_rows(report)
+        ],
+        "lrrrrrc",
+    )
+    lines += ["## Retrieval", "", CLIP_RETRIEVAL_NOTE, ""] + _md_retrieval(report.retrieval)
+    lines += _md_checks(report.checks)
+    if report.checksums:
+        lines += ["## Data", ""] + _md_table(["set", "sha256"], [[name, f"`{digest}`"] for name, digest in report.checksums.items()], "ll")
+    lines += _md_tail(report)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot_clip_parity(parity: list[Any], cosine_min: float | None):
+    """1 - min cosine per input group across Matryoshka dims (log scale), the threshold dashed: every line must stay below it."""
+    if not parity:
+        return None
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    floor = 1e-16
+    groups: dict[str, list[Any]] = {}
+    for p in parity:
+        groups.setdefault(p.inputs, []).append(p)
+    fig = _figure(7.5, 3.6)
+    ax = fig.subplots()
+    palette = ["#0969da", "#bf8700", "#1a7f37", "#8250df", "#e16f24", "#57606a", "#1b7c83"]
+    dims: set[int] = set()
+    errors = []
+    for i, (name, rows) in enumerate(groups.items()):
+        rows = sorted(rows, key=lambda p: p.dim)
+        err = [max(1.0 - float(p.min_cosine), floor) if p.min_cosine == p.min_cosine else math.nan for p in rows]
+        errors += [e for e in err if e == e]
+        dims.update(p.dim for p in rows)
+        ax.plot([p.dim for p in rows], err, color=palette[i % len(palette)], marker="o", linewidth=1.6, label=name)
+    if _is_num(cosine_min):
+        bound = max(1.0 - float(cosine_min), floor)
+        ax.axhline(bound, color=FAIL_COLOR, linewidth=1.6, linestyle="--", label=f"threshold >= {float(cosine_min):g}")
+        errors.append(bound)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    if errors:
+        ax.set_ylim(min(errors) / 10, max(errors) * 10)
+    ax.xaxis.set_major_locator(FixedLocator(sorted(dims)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(d) for d in sorted(dims)])
+    ax.yaxis.set_major_formatter(FuncFormatter(_cosine_tick))
+    ax.tick_params(axis="y", labelsize=7.5)
+    ax.set_xlabel("Matryoshka dim", fontsize=9)
+    ax.set_ylabel("min cosine to the reference\n(1 - cosine, log scale; up = further)", fontsize=8)
+    ax.set_title("Worst input per group: artifact vs reference", fontsize=10)
+    ax.legend(fontsize=8, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    _style(ax)
+    return fig
+
+
+def _clip_plots(report: Any) -> tuple[list[tuple[str, str, str]], str | None]:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return [], "Plots skipped: matplotlib is not installed (pip install matplotlib)."
+    specs: list[tuple[str, str, Callable[[], Any]]] = [
+        (
+            "parity",
+            "1 - min cosine of each input group at each Matryoshka dim, log scale: every line must stay below the dashed threshold.",
+            lambda: plot_clip_parity(report.parity, (report.thresholds or {}).get("cosine_min")),
+        ),
+        ("retrieval", "nDCG@10 at each Matryoshka dim per direction: the artifact's dashed line should sit on the reference's solid line.", lambda: plot_matryoshka(report.retrieval)),
+        ("retrieval", "nDCG@10 and Recall@10 per direction at full size, reference vs artifact.", lambda: plot_dataset_bars(report.retrieval, ("ndcg@10", "recall@10"))),
+    ]
+    made = []
+    for section, caption, make in specs:
+        try:
+            fig = make()
+        except Exception as e:  # a plot must never cost the report
+            log.warning("plot skipped (%s): %s", caption[:40], e)
+            continue
+        if fig is not None:
+            made.append((section, caption, _png_data_uri(fig)))
+    return made, None
+
+
+def render_clip_html(report: Any) -> str:
+    verdict = "PASS" if report.passed else "FAIL"
+    plots, plot_note = _clip_plots(report)
+    parts = _html_head(report, verdict, CLIP_TITLE)
+    parts += ["<h2>Parity per input group</h2>", f'<p class="note">{_e(CLIP_PARITY_NOTE)}</p>']
+    rows = []
+    for p, cmin, cmean in _clip_parity_rows(report):
+        rows.append(
+            "<tr>"
+            + _td(p.inputs)
+            + _td(p.dim, "num")
+            + _td(p.rows, "num")
+            + _td(_fmt_cos(p.min_cosine), "num bad" if cmin and not cmin.passed else "num")
+            + _td(_fmt_cos(p.mean_cosine), "num bad" if cmean and not cmean.passed else "num")
+            + _td(_sci(p.max_abs), "num")
+            + "</tr>"
+        )
+    parts.append(_html_table([("inputs", ""), ("dim", "num"), ("rows", "num"), ("min cosine", "num"), ("mean cosine", "num"), ("max abs error", "num")], rows))
+    parts += [_figure_html(uri, caption) for section, caption, uri in plots if section == "parity"]
+    parts += ["<h2>Retrieval</h2>", f'<p class="note">{_e(CLIP_RETRIEVAL_NOTE)}</p>']
+    parts += _html_retrieval(report.retrieval, {c.name: c for c in report.checks})
+    parts += [_figure_html(uri, caption) for section, caption, uri in plots if section == "retrieval"]
+    parts += _html_checks(report.checks)
+    if plot_note:
+        parts.append(f'<p class="note">{_e(plot_note)}</p>')
+    if report.checksums:
+        parts.append("<h2>Data</h2>")
+        parts.append(_html_table([("set", ""), ("sha256", "")], [f"<tr>{_td(name)}<td><code>{_e(digest)}</code></td></tr>" for name, digest in report.checksums.items()], "kv"))
+    parts += _html_tail(report)
     return "\n".join(parts) + "\n"
 
 

@@ -203,7 +203,7 @@ def test_resolve_dataset(tmp_path):
         resolve_dataset("no-such-set")
     data = resolve_dataset(str(_write_beir(tmp_path / "r")), max_queries=1, max_docs=2)
     assert data.queries == ["what is a llama?"] and len(data.documents) == 2
-    assert set(BUILTIN) == {"stdlib-code", "pydoc-pages"}
+    assert set(BUILTIN) == {"stdlib-code", "pydoc-pages", "multilingual-names"}
 
 
 # --------------------------------------------------------------------------- built-in: stdlib-code
