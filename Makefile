@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.jev4-installed
 
-.PHONY: setup demo test test-slow browser mutation vllm-env infinity-env clean
+.PHONY: setup demo demo-clip test test-slow browser mutation vllm-env infinity-env clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/jev4 demo --workdir demo-out
+
+# jina-clip-v2 end to end on its tiny checkpoint: write it, export fp32 ONNX (text.onnx + vision.onnx, self-checked),
+# then jev4 validate (text->text, text->image, image->image at every Matryoshka dim) prints the verdict. ~1 min on 2 cores.
+CLIP_DEMO := demo-out/clip-v2
+demo-clip: $(STAMP)
+	$(BIN)/jev4 --no-progress make-tiny --family jina-clip-v2 --force $(CLIP_DEMO)/tiny
+	$(BIN)/jev4-export --no-progress --model $(CLIP_DEMO)/tiny --out $(CLIP_DEMO)/onnx-fp32 --force
+	$(BIN)/jev4 --no-progress validate --reference $(CLIP_DEMO)/tiny --artifact $(CLIP_DEMO)/onnx-fp32 --out $(CLIP_DEMO)/report --force
 
 # The serving engines' own venvs are built first, so tests/serving runs them. Each is built from the
 # package index; one that cannot be built (no index reachable) is reported and its tests skip, naming it.
