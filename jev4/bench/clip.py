@@ -77,7 +77,7 @@ class ClipBenchSettings:
     out: str  # clip.json, clip.md, clip.png
     size: str = "full"
     workdir: str | None = None  # source checkpoint and artifacts (~9 GB at full size); default OUT + "-work"
-    keep: bool = False  # keep the checkpoint and artifacts (a later run with the same workdir reuses the checkpoint)
+    keep: bool = False  # keep what the run wrote there (a later run with the same workdir reuses the checkpoint); else removed
     formats: tuple[str, ...] = tuple(FORMATS)
     text_shapes: tuple[tuple[int, int], ...] = ((8, 512), (1, 128))
     image_batch: int = 4
@@ -225,6 +225,8 @@ class _Run:
         self.work = settings.work
         self.logs = self.work / "logs"
         self.results: list[FormatResult] = []
+        self.created: list[Path] = []  # what this run wrote under the workdir, removed at the end unless --keep
+        self.work_created = False
         self.summary: dict = {
             "settings": asdict(settings), "machine": machine_summary(), "date": time.strftime("%Y-%m-%d"), "complete": False,
             "source": {}, "parameters": {}, "formats": [],
@@ -251,6 +253,7 @@ class _Run:
             log.info("reusing the source checkpoint %s", source)
             info["reused"] = True
         else:
+            self.created.append(source)
             step = run_step(python_module("jev4.bench.clip_worker", "write", str(source), "--size", size), self.settings.step_timeout_s, self.logs / "write-source.log")
             info.update(write_s=step.seconds, write_peak_rss_gib=step.peak_rss_gib)
             if step.returncode:
@@ -268,6 +271,7 @@ class _Run:
             result.artifact_bytes = _dir_bytes(source)
             return source
         artifact = self.work / f"{fmt.name}-{self.settings.size}"
+        self.created.append(artifact)
         command = python_module("jev4.cli.export", "--model", str(source), "--out", str(artifact), "--force", "--no-progress", *fmt.export_args)
         step = run_step(command, self.settings.step_timeout_s, self.logs / f"export-{fmt.name}.log")
         result.export_s, result.export_peak_rss_gib = step.seconds, step.peak_rss_gib
@@ -282,6 +286,7 @@ class _Run:
     def measure(self, fmt: ClipFormat, artifact: Path, result: FormatResult) -> dict[str, np.ndarray] | None:
         """The worker in a child process; its report and warm-up vectors."""
         report, vectors = self.work / f"run-{fmt.name}.json", self.work / f"run-{fmt.name}.npz"
+        self.created += [report, vectors]
         shapes = ",".join(f"{b}x{t}" for b, t in self.settings.text_shapes)
         command = python_module("jev4.bench.clip_worker", "measure", str(artifact), "--text-shapes", shapes, "--image-batch", str(self.settings.image_batch),
                                 "--repeats", str(self.settings.repeats), "--report", str(report), "--vectors", str(vectors))  # fmt: skip
@@ -296,7 +301,10 @@ class _Run:
             return {name: data[name] for name in data.files}
 
     def run(self) -> dict:
+        self.work_created = not self.work.exists()
         self.work.mkdir(parents=True, exist_ok=True)
+        if not self.logs.exists():
+            self.created.append(self.logs)
         self.logs.mkdir(exist_ok=True)
         source = self.source()
         self._snapshot()
@@ -321,8 +329,21 @@ class _Run:
         self.summary["complete"] = True
         self._snapshot()
         if not self.settings.keep:
-            shutil.rmtree(self.work, ignore_errors=True)
+            self._clean()
         return self.summary
+
+    def _clean(self) -> None:
+        """Remove what this run wrote to the workdir (never anything else: --workdir may be a shared directory)."""
+        for path in self.created:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if self.work_created:
+            try:
+                self.work.rmdir()
+            except OSError:
+                log.info("kept %s: it holds files this run did not write", self.work)
 
     def _snapshot(self) -> None:
         self.summary["formats"] = [asdict(r) for r in self.results]

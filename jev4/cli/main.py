@@ -605,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     clip = bench_sub.add_parser("clip", parents=[common], help="jina-clip-v2 (random weights): parameter counts, ONNX fp32/fp16/int8 export time and peak RSS, CPU tokens/s and images/s vs torch fp32 (docs/benchmarks.md)")
     clip.add_argument("--size", choices=["full", "tiny"], default="full", help="full: the real architecture with random weights; tiny: to try the harness")
     clip.add_argument("--out", required=True, help="directory for clip.json/.md/.png (republished after every step)")
-    clip.add_argument("--workdir", help="source checkpoint and artifacts (~9 GB at full size; default OUT-work, removed at the end unless --keep)")
+    clip.add_argument("--workdir", help="source checkpoint and artifacts (~9 GB at full size; default OUT-work); what the run wrote there is removed at the end unless --keep")
     clip.add_argument("--keep", action="store_true", help="keep the source checkpoint and artifacts")
     clip.add_argument("--repeats", type=int, default=2, help="timed calls after the warm-up (the median is reported)")
     clip.add_argument("--step-timeout", type=float, default=3600.0, help="seconds before a step (export or measurement) is killed and recorded as such")

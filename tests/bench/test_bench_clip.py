@@ -17,13 +17,15 @@ from jev4.errors import SettingsError
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One tiny run with every real format plus one the exporter refuses (--dtype bf16 is v4-only), kept for inspection."""
+    """One tiny run with every real format plus one the exporter refuses (--dtype bf16 is v4-only)."""
     root = tmp_path_factory.mktemp("clip-bench")
+    (root / "work").mkdir()
+    (root / "work" / "theirs.txt").write_text("not the bench's")  # --workdir may be shared: this must survive the clean-up
     patch = pytest.MonkeyPatch()
     patch.setitem(clip.FORMATS, "broken", ClipFormat("broken", ("--dtype", "bf16")))
     try:
         settings = ClipBenchSettings(
-            out=str(root / "out"), size="tiny", workdir=str(root / "work"), keep=True,
+            out=str(root / "out"), size="tiny", workdir=str(root / "work"),
             formats=("torch-fp32", "onnx-fp32", "broken", "onnx-fp16", "onnx-int8"), text_shapes=((2, 16),), image_batch=2, repeats=1,
         )  # fmt: skip
         summary = run_clip_bench(settings)
@@ -32,9 +34,13 @@ def tiny_run(tmp_path_factory):
     return root, summary
 
 
-def test_parameter_counts_are_the_checkpoints_own_tensor_sizes(tiny_run):
-    root, summary = tiny_run
-    tensors = load_file(str(root / "work" / "source-tiny" / "model.safetensors"))  # independent of count_parameters' header read
+def test_parameter_counts_are_the_checkpoints_own_tensor_sizes(tiny_run, tmp_path):
+    from jev4.families.jina_clip_v2.tiny import write_tiny_checkpoint
+
+    _, summary = tiny_run
+    source = write_tiny_checkpoint(tmp_path / "tiny", seed=0)  # the run's source is gone (no --keep); the same writer and seed
+    assert clip.count_parameters(source) == {k: v for k, v in summary["parameters"].items() if k not in ("published", "matches_published")}
+    tensors = load_file(str(source / "model.safetensors"))  # independent of count_parameters' header read
     sizes = {key: value.numel() for key, value in tensors.items()}
     p = summary["parameters"]
     assert p["vision"] == sum(n for k, n in sizes.items() if k.startswith("vision_model."))
@@ -66,7 +72,7 @@ def test_every_format_is_exported_measured_and_compared(tiny_run):
     assert rows["broken"]["error"].startswith("export (") and "failed (exit 2" in rows["broken"]["error"] and rows["broken"]["text"] == {}
 
 
-def test_results_files_and_kept_work(tiny_run):
+def test_results_files_and_clean_up(tiny_run):
     root, summary = tiny_run
     out = root / "out"
     saved = json.loads((out / "clip.json").read_text())
@@ -75,7 +81,7 @@ def test_results_files_and_kept_work(tiny_run):
     assert "| onnx-int8 |" in md and "1 (baseline)" in md and "broken (export (" in md
     assert (out / "clip.png").stat().st_size > 10_000
     assert "--dtype bf16" in (out / "export-broken.log").read_text()  # the failed step's own output is kept beside the results
-    assert (root / "work" / "source-tiny" / "config.json").is_file()  # --keep
+    assert sorted(p.name for p in (root / "work").iterdir()) == ["theirs.txt"]  # without --keep only what the run wrote is removed
     assert not list(root.glob(".out.tmp-*"))  # every republish of OUT was whole
 
 
@@ -105,3 +111,4 @@ def test_full_size_config_is_upstreams_shape():
     layout = expected_layout(parse_config(raw))
     sizes = {prefix: sum(int(np.prod(s)) for k, s in layout.items() if k.startswith(prefix)) for prefix in ("vision_model.", "text_model.")}
     assert sizes == {"vision_model.": 304_382_912, "text_model.": 560_895_564}  # the published 304.38M and 561M
+
