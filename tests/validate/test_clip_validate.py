@@ -1,6 +1,7 @@
 """``jev4 validate`` on jina-clip-v2 artifacts of the tiny checkpoint, through ``jev4.cli.main.main``: verdicts, reports, exit codes.
 
-Each precision is exported once per module (fp32, fp16, w-int8 ONNX) and
+Each precision is exported once per module (fp32, fp16, w-int8 ONNX, and
+the fp32 Jina-signature model.onnx) and
 validated against the torch fp32 reference: PASS, with report.json / .md /
 .html and plots. A FAIL comes from a real difference: a w-int8 artifact
 judged by the fp32 bounds, and an fp32 artifact whose vision weights were
@@ -28,7 +29,8 @@ from jev4.validate.thresholds import CLIP_DEFAULTS
 GROUPS = ("multilingual-names queries", "multilingual-names documents", "pydoc-pages queries", "pydoc-pages pages", "pydoc-pages crops")
 DIRECTIONS = ("multilingual-names (text->text)", "pydoc-pages (text->image)", "pydoc-pages crops (image->image)")
 DIMS = (32, 16, 8)  # the tiny checkpoint's hidden size and Matryoshka dims
-EXPORT_FLAGS = {"fp32": [], "fp16": ["--dtype", "fp16"], "w-int8": ["--weights", "int8"]}
+EXPORT_FLAGS = {"fp32": [], "fp16": ["--dtype", "fp16"], "w-int8": ["--weights", "int8"], "jina-signature": ["--jina-onnx-signature"]}
+PRECISION = {"fp32": "fp32", "fp16": "fp16", "w-int8": "w-int8", "jina-signature": "fp32"}  # what each manifest says
 QUERIES = ["--max-queries", "64"]  # fewer multilingual-names queries than the default 200: the file stays fast
 
 
@@ -56,10 +58,11 @@ def _report(out: Path) -> dict:
     return json.loads((out / "report.json").read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize("precision", list(EXPORT_FLAGS))
-def test_each_precision_passes_with_its_own_thresholds(clip_dir, artifacts, tmp_path, capsys, precision):
+@pytest.mark.parametrize("name", list(EXPORT_FLAGS))
+def test_each_precision_passes_with_its_own_thresholds(clip_dir, artifacts, tmp_path, capsys, name):
     out = tmp_path / "report"
-    assert _validate(clip_dir, artifacts[precision], out) == 0
+    precision = PRECISION[name]
+    assert _validate(clip_dir, artifacts[name], out) == 0
     assert "verdict: PASS (48/48 checks passed)" in capsys.readouterr().out
     report = _report(out)
     assert report["passed"] is True and report["failures"] == []
