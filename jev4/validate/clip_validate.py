@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jev4.atomic import atomic_output_dir, claim_output
-from jev4.errors import ConfigError
+from jev4.errors import ConfigError, SettingsError
 from jev4.families.registry import CONFIG_NAME, family_of
 from jev4.validate.clip_retrieval import ClipRetrievalResult, ClipRetrievalSettings, CosineParity, run_clip_retrieval
 from jev4.validate.results import MetricCheck, RetrievalResult
@@ -55,6 +55,14 @@ class ClipValidateSettings:
     threads: int | None = None
     retrieval: ClipRetrievalSettings = field(default_factory=ClipRetrievalSettings)
     force: bool = False
+
+    def __post_init__(self) -> None:
+        from jev4.runtime.loader import check_threads
+
+        for flag, value in (("--max-queries", self.retrieval.text_queries), ("--max-docs", self.retrieval.text_docs)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise SettingsError(f"{flag} must be a positive integer, got {value!r}")
+        check_threads(self.threads, "onnxruntime")  # before any model loads
 
     def sources(self) -> tuple[str | None, ...]:
         """What the run reads: the report may not be, hold or sit inside any of them."""

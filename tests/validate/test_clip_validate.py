@@ -149,6 +149,8 @@ def test_thresholds_file_overrides_the_defaults(clip_dir, artifacts, tmp_path):
         (["--backend", "torch"], "--backend torch: not for jina-clip-v2"),
         (["--precision", "bf16"], "unknown precision 'bf16'; known: fp32, fp16, w-int8"),
         (["--thresholds", "/no/such/file.json"], "thresholds file not found"),
+        (["--max-queries", "0"], "--max-queries must be a positive integer, got 0"),
+        (["--threads", "0"], "threads must be a positive integer"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(clip_dir, artifacts, tmp_path, caplog, flags, message):
