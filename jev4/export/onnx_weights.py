@@ -16,8 +16,14 @@ onnxruntime's CPU kernels were written for:
   activations quantized per call (``DynamicQuantizeLinear`` -> ``MatMulInteger``,
   fused by onnxruntime into ``DynamicQuantizeMatMul``). Only MatMuls with a
   constant weight are touched (``MatMulConstBOnly``), so attention's
-  activation x activation products stay float. ``reduce_range`` stays off:
-  it exists for CPUs without VNNI, where u8s8 products can saturate.
+  activation x activation products stay float. ``reduce_range`` is on
+  (7-bit weights, -64..64): onnxruntime's u8s8 kernels on x86 CPUs without
+  VNNI (AVX2 only) add pairs of u8 x s8 products in 16 bits with saturation
+  (``vpmaddubsw``), which full 8-bit weights can overflow. Measured on an
+  AMD EPYC with AVX2 and no VNNI (docs/edge.md): the tiny jina-clip-v2 vision
+  graph fell to cosine 0.9657 at batch 1 with 8-bit weights, 0.9988 with
+  7-bit. An artifact cannot know which CPU will run it, so the safe range is
+  the default; ``reduce_range=False`` is for fleets known to have VNNI.
 
 What stays float, and why: the token embedding gather (a lookup, no compute
 to gain, and the full model's largest single tensor is read a row at a time),
@@ -55,7 +61,7 @@ log = logging.getLogger(__name__)
 __all__ = ["WEIGHT_PRECISIONS", "WeightQuantError", "WeightQuantSettings", "precision_name", "projector_nodes", "quantize_weights"]
 
 WEIGHT_PRECISIONS = ("int4", "int8")
-SETTINGS_VERSION = 1
+SETTINGS_VERSION = 2  # 2: int8 records reduce_range (on by default)
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
 _ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # Ops that only onnxruntime registers, in the default domain (the fused graph has them); onnx.checker refuses them.
@@ -83,6 +89,7 @@ class WeightQuantSettings:
     accuracy_level: int = 4
     symmetric: bool = False
     per_channel: bool = True
+    reduce_range: bool = True
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
     version: int = field(default=SETTINGS_VERSION)
 
@@ -103,6 +110,7 @@ class WeightQuantSettings:
                 data.pop(key)
         else:
             data.pop("per_channel")
+            data.pop("reduce_range")
         return data
 
 
@@ -242,7 +250,7 @@ def _int8(path: Path, kept: list[str], settings: WeightQuantSettings, out: Path,
             str(out),
             weight_type=QuantType.QInt8,
             per_channel=settings.per_channel,
-            reduce_range=False,
+            reduce_range=settings.reduce_range,
             op_types_to_quantize=["MatMul"],
             nodes_to_exclude=kept,
             use_external_data_format=True,

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -161,7 +162,7 @@ def test_int8_graph_and_parity(int8_cli, encoder):
     assert ops["DynamicQuantizeLinear"] >= LAYERS
     assert ops["Softmax"] == LAYERS  # jev4's own graph: attention unfused, untouched by the quantizer
     contents = _manifest(int8_cli)["contents"]
-    assert contents["precision"] == "w-int8" and contents["weights"]["per_channel"] is True
+    assert contents["precision"] == "w-int8" and contents["weights"]["per_channel"] is True and contents["weights"]["reduce_range"] is True
     assert contents["weights"]["quantized_op"] == "MatMulInteger" and len(contents["weights"]["kept_float_nodes"]) == 1
     t = DEFAULTS["w-int8"]
     single, tokens = _cosines(encoder, rt.load(int8_cli), 4)
@@ -175,6 +176,10 @@ def test_int8_weights_are_stored_as_int8(int8_cli):
     int8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
     assert len(int8) == 7 * LAYERS
     assert (int8_cli / "language.onnx.data").is_file()  # external data kept
+    # 7-bit weights (reduce_range): u8s8 kernels without VNNI saturate on full 8-bit ones
+    for init in int8:
+        codes = onnx.numpy_helper.to_array(init, base_dir=str(int8_cli))
+        assert np.abs(codes.astype(np.int16)).max() == 64, init.name  # symmetric 7-bit: -64..64 (8-bit would reach 127)
 
 
 # ---- jev4 validate on each artifact ----------------------------------------------------------------
@@ -282,7 +287,6 @@ def test_fused_graph_needs_less_attention_memory(fused, int8_cli, monkeypatch):
 
 def test_int8_without_the_second_copy_equals_onnxruntimes_own_result(tmp_path):
     """quantize_weights skips onnxruntime's value_info reload (3 copies of the float graph at full size); the graph it writes is the one onnxruntime's unaltered path writes."""
-    import numpy as np
     import onnxruntime as ort
     import onnxruntime.quantization.onnx_quantizer as onnx_quantizer
     from onnx import TensorProto, helper, numpy_helper
@@ -299,7 +303,7 @@ def test_int8_without_the_second_copy_equals_onnxruntimes_own_result(tmp_path):
     for name in ("ours", "theirs"):
         (tmp_path / name).mkdir()
         onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / name / "language.onnx"), save_as_external_data=True, location="language.onnx.data", size_threshold=0)
-    quantize_weights(tmp_path / "ours" / "language.onnx", WeightQuantSettings("int8"))
+    quantize_weights(tmp_path / "ours" / "language.onnx", WeightQuantSettings("int8", reduce_range=False))
     assert onnx_quantizer.save_and_reload_model_with_shape_infer is original  # restored after the call
     quantize_dynamic(
         str(tmp_path / "theirs" / "language.onnx"), str(tmp_path / "theirs" / "q.onnx"), weight_type=QuantType.QInt8, per_channel=True, reduce_range=False,
