@@ -12,7 +12,9 @@ import errno
 import json
 import logging
 import os
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -62,6 +64,20 @@ def test_owner_current_describes_this_process():
 def test_owner_describe_names_another_host_and_omits_an_empty_command():
     assert Owner(7, None, "elsewhere", "").describe() == "pid 7 on elsewhere"
     assert Owner(7, None, HOST, "jev4 x").describe() == "pid 7 (jev4 x)"
+
+
+def test_asking_whether_an_owner_is_alive_sends_it_no_signal():
+    """alive() probes with signal 0; any real signal (SIGHUP = 1) would end a writer that keeps the default action."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    try:
+        owner = Owner(child.pid, atomic._process_start(child.pid), HOST, "sleep")
+        assert owner.alive()
+        assert owner.alive()
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(timeout=0.3)  # still running
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_owner_alive_cases():
