@@ -57,6 +57,9 @@ class Group:
     # Only these functions of the modules (mutmut mutant-name globs, e.g. "jev4.quant.embeddings.x_pack_bits__*"),
     # where a module is far larger than the part under test; empty: every function.
     functions: tuple[str, ...] = ()
+    # Test ids left out of the selection: slow tests whose import cost every mutant would pay, whose checks
+    # faster tests of the group repeat (said where they are listed).
+    deselect: tuple[str, ...] = ()
 
 
 def _functions(module: str, *names: str) -> tuple[str, ...]:
@@ -70,7 +73,21 @@ GROUPS = (
     Group("manifest", ("jev4/export/manifest.py",), ("tests/export/test_manifest.py", "tests/export/test_manifest_format.py")),
     # The in-process tests only: tests/reliability runs whole CLI commands per mutant, minutes each.
     Group("atomic", ("jev4/atomic.py",), ("tests/test_atomic.py", "tests/test_atomic_units.py")),
-    Group("codecs", ("jev4/quant/embeddings.py",), ("tests/quant/test_embeddings.py", "tests/quant/test_properties.py", "tests/quant/test_packing_contract.py", "tests/quant/test_calibration.py")),
+    # The output-codec half of quant/embeddings.py (calibration, encode, decode); its bit layouts are 'packing' and its
+    # QAT half (fake_quantize, ste, RollingRange) is tested by tests/qat, outside the groups.
+    Group(
+        "codecs",
+        ("jev4/quant/embeddings.py",),
+        ("tests/quant/test_embeddings.py", "tests/quant/test_properties.py", "tests/quant/test_packing_contract.py"),
+        (
+            "jev4.quant.embeddings.xǁCalibrationǁ*",
+            "jev4.quant.embeddings.xǁEmbeddingCodecǁ*",
+            *_functions("jev4.quant.embeddings", "_as_array", "_check_finite", "truncate_normalize", "_as_matrix", "calibrate", "_check_truncate_dim", "_steps"),
+        ),
+        # Imports sentence-transformers (~10 s per mutant); the int8 codes are also checked against the slow
+        # pure-Python codec of tests/quant/test_embeddings.py.
+        deselect=("tests/quant/test_embeddings.py::test_int8_matches_sentence_transformers_given_the_same_ranges",),
+    ),
     # The packing half of quant/embeddings.py alone: the bit layouts every stored code depends on.
     Group(
         "packing",
@@ -113,7 +130,8 @@ def _scratch_copy(group: Group, work: Path) -> Path:
     target.mkdir(parents=True)
     archive = subprocess.run(["git", "archive", "HEAD", "jev4", "tests", "pyproject.toml"], cwd=ROOT, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)  # the committed tree: uncommitted edits do not leak in
-    lines = ["[mutmut]", "source_paths=jev4", "only_mutate=" + "\n  ".join(group.modules), "pytest_add_cli_args_test_selection=" + "\n  ".join(group.tests)]
+    selection = [*group.tests, *(arg for test in group.deselect for arg in ("--deselect", test))]
+    lines = ["[mutmut]", "source_paths=jev4", "only_mutate=" + "\n  ".join(group.modules), "pytest_add_cli_args_test_selection=" + "\n  ".join(selection)]
     lines.append("pytest_add_cli_args=-q\n  -p\n  no:cacheprovider\n  -m\n  not slow and not gpu and not serving")
     lines.append(f"timeout_multiplier={TIMEOUT_MULTIPLIER}")
     lines.append(f"timeout_constant={TIMEOUT_CONSTANT}")
