@@ -60,7 +60,8 @@ def test_every_format_is_exported_measured_and_compared(tiny_run):
         assert row["error"] == "" and row["artifact_bytes"] > 0 and row["run_peak_rss_gib"] > 0.05
         assert row["text"]["2x16"]["tokens"] == 32 and row["text"]["2x16"]["tokens_per_s"] > 0  # exactly batch x length tokens
         assert row["image"]["2x512px"]["images_per_s"] > 0
-        assert 0 < row["image"]["2x512px"]["cpu_share"] <= 1.05 and len(row["text"]["2x16"]["cpu_seconds"]) == 1  # repeats=1
+        # CPU clocks tick coarsely in some containers (CI measured 1.12 for one tens-of-ms call), so the bound is loose
+        assert 0 < row["image"]["2x512px"]["cpu_share"] <= 1.5 and len(row["text"]["2x16"]["cpu_seconds"]) == 1  # repeats=1
         if name != "torch-fp32":
             assert row["export_s"] > 0 and row["export_peak_rss_gib"] > 0.1 and set(row["export_self_check"]) == {"text_min_cosine", "vision_min_cosine"}
             assert set(row["cosine_vs_torch_fp32"]) == {"text-2x16", "image-2x512px"}

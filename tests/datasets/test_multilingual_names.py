@@ -1,13 +1,17 @@
 """The built-in multilingual-names set: CLDR territory names (babel) -> English names, checksum verified."""
 
+import importlib
 import re
 import unicodedata
 
 import pytest
 
 from jev4.datasets import DatasetError, RetrievalDataset
-from jev4.datasets import multilingual_names as mn
 from jev4.datasets.multilingual_names import EXPECTED_SHA256, LANGUAGES, build_multilingual_names, multilingual_names
+
+# The package re-exports the function under the module's own name, so ``from jev4.datasets import multilingual_names``
+# gives the function; monkeypatching needs the module itself.
+mn = importlib.import_module("jev4.datasets.multilingual_names")
 
 
 @pytest.fixture(scope="module")
