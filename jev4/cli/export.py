@@ -9,6 +9,7 @@ from pathlib import Path
 
 from jev4.cli.common import OneLineErrorParser, common_flags, run_command
 from jev4.errors import SettingsError
+from jev4.families.registry import local_family
 
 log = logging.getLogger("jev4.export")
 
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _output_codec_settings(args: argparse.Namespace):
+def output_codec_settings(args: argparse.Namespace):
     """The settings of ``--output-precision`` (None without it); checked before any model loads."""
     given = {"method": args.output_calib_method, "calib_size": args.output_calib_size, "calib_data": args.output_calib_data}
     if args.output_precision is None:
@@ -193,77 +194,16 @@ def _run_export(args: argparse.Namespace, recipe, settings, quant, output_codec,
     return merge_checkpoint(settings, progress=progress, output_codec=output_codec)
 
 
-def _clip_v2_model(model: str) -> bool:
-    """Whether ``--model`` is a local directory whose config.json says jina-clip-v2 (``model_type: jina_clip``)."""
-    from jev4.families.jina_clip_v2.config import CONFIG_NAME, MODEL_TYPE
-    from jev4.json_object import read_json_object
-
-    path = Path(model).expanduser() / CONFIG_NAME
-    if not path.is_file():
-        return False
-    try:
-        return read_json_object(path, SettingsError, "not found").get("model_type") == MODEL_TYPE
-    except SettingsError:
-        return False  # unreadable: the v4 path names the problem
-
-
-def _clip_v2_settings(args: argparse.Namespace):
-    """The jina-clip-v2 ONNX export settings; every v4-only option is refused in one line, before any model loads."""
-    from jev4.families.jina_clip_v2.onnx_export import ClipV2OnnxSettings
-
-    if args.adapter not in (None, "none"):
-        raise SettingsError(f"--adapter {args.adapter}: {args.model} is jina-clip-v2, which has no task adapters (its one LoRA is merged into every export); drop --adapter")
-    v4_only = {
-        "--adapter-dir": args.adapter_dir, "--text-only": args.text_only, "--gguf-type": args.gguf_type, "--fp8": args.fp8, "--int8": args.int8,
-        "--calib-data": args.calib_data, "--quant-exclude": args.quant_exclude, "--weight-granularity": args.weight_granularity, "--fused": args.fused,
-    }
-    given = [flag for flag, value in v4_only.items() if value]
-    if given:
-        raise SettingsError(f"{', '.join(given)}: not for jina-clip-v2 ({args.model}); its exports are --format onnx with --dtype fp32|fp16, --weights int8, --jina-onnx-signature")
-    if args.format not in (None, "onnx"):
-        raise SettingsError(f"--format {args.format}: jina-clip-v2 exports ONNX only; drop --format (or use --format onnx)")
-    return ClipV2OnnxSettings(
-        model=args.model, out=args.out, dtype=args.dtype or "fp32", opset=args.opset or 18, jina_signature=args.jina_onnx_signature,
-        weights=args.weights, validate=not args.no_validate, force=args.force,
-    )
-
-
-def _calibrate_clip_v2_codec(model: str, settings):
-    """The output codec of ``--output-precision`` for jina-clip-v2, calibrated on the fp32 reference's document vectors."""
-    import numpy as np
-
-    from jev4.families.jina_clip_v2.encoder import ClipV2Encoder
-    from jev4.quant.output_codec import NEEDS_CALIBRATION, calibrate_output_codec, calibration_documents
-
-    if settings is None:
-        return None
-    if settings.precision not in NEEDS_CALIBRATION:
-        return calibrate_output_codec(np.zeros((0, 1), dtype=np.float32), None, settings, source="none (no calibration needed)")
-    docs = calibration_documents(settings)
-    single = ClipV2Encoder.from_pretrained(model).encode_text(docs, prompt_name="passage", max_length=settings.max_length).numpy()
-    return calibrate_output_codec(single, None, settings, source=settings.calib_data or "builtin:stdlib-code")
-
-
-def _export_clip_v2(args: argparse.Namespace) -> int:
-    from jev4.atomic import claim_output
-    from jev4.families.jina_clip_v2.onnx_export import export_clip_v2_onnx
-
-    settings = _clip_v2_settings(args)
-    codec_settings = _output_codec_settings(args)
-    with claim_output(args.out, args.force, (args.model, args.output_calib_data)):
-        output_codec = _calibrate_clip_v2_codec(args.model, codec_settings)
-        out = export_clip_v2_onnx(settings, progress=not args.no_progress, output_codec=output_codec)
-    log.info("artifact written: %s", out)
-    print(out)
-    return 0
-
-
 def export(args: argparse.Namespace) -> int:
     """Every option is checked first; OUT is claimed (checked and locked) for the whole run, calibration included."""
     from jev4.atomic import claim_output
 
-    if _clip_v2_model(args.model):
-        return _export_clip_v2(args)
+    family = local_family(args.model)
+    if family is not None and family.exporter:
+        out = family.export(args)
+        log.info("artifact written: %s", out)
+        print(out)
+        return 0
     if args.adapter is None:
         build_parser().error("the following arguments are required: --adapter")
     if args.jina_onnx_signature:
@@ -285,7 +225,7 @@ def export(args: argparse.Namespace) -> int:
         settings = _onnx_settings(args, default_opset=18)
     else:
         settings = _merge_settings(args)
-    codec_settings = _output_codec_settings(args)
+    codec_settings = output_codec_settings(args)
     from jev4.model.checkpoint import resolve_model_dir
     from jev4.model.config import load_config
 

@@ -282,7 +282,7 @@ VALIDATE_MAX_QUERIES = 200
 VALIDATE_MAX_DOCS = 1000
 
 # v4-only validate options: dest -> the flag, refused for jina-clip-v2 when given (a value other than the parser's default).
-_V4_VALIDATE_OPTIONS = {
+V4_VALIDATE_OPTIONS = {
     "dataset": "--dataset",
     "sts": "--sts",
     "url": "--url",
@@ -298,40 +298,6 @@ _V4_VALIDATE_OPTIONS = {
 }
 
 
-def _validate_clip(args: argparse.Namespace) -> int:
-    """``jev4 validate`` on a jina-clip-v2 reference (``jev4.validate.clip_validate``): no adapter, its own data and thresholds."""
-    from jev4.validate.clip_retrieval import ClipRetrievalSettings
-    from jev4.validate.clip_validate import ClipValidateSettings, validate_clip
-
-    if args.adapter is not None:
-        raise SettingsError(f"--adapter {args.adapter}: {args.reference} is jina-clip-v2, which has no task adapters (its one LoRA is merged at load); drop --adapter")
-    given = [flag for dest, flag in _V4_VALIDATE_OPTIONS.items() if getattr(args, dest) not in (None, False, [])]
-    if args.backend not in ("auto", "onnxruntime"):
-        given.append(f"--backend {args.backend}")
-    if given:
-        raise SettingsError(f"{', '.join(given)}: not for jina-clip-v2 ({args.reference}); it is validated on multilingual-names and pydoc-pages (text->text, text->image, image->image)")
-    retrieval = ClipRetrievalSettings(
-        text_queries=getattr(args, "max_queries", VALIDATE_MAX_QUERIES),
-        text_docs=getattr(args, "max_docs", None),  # all 257 English names unless --max-docs cuts them
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-    )
-    report = validate_clip(
-        ClipValidateSettings(
-            reference=args.reference,
-            artifact=args.artifact,
-            out=args.out,
-            thresholds=args.thresholds,
-            precision=args.precision,
-            provider=args.provider,
-            threads=args.threads,
-            retrieval=retrieval,
-            force=args.force,
-        )
-    )
-    return _print_verdict(report, args.out)
-
-
 def _print_verdict(report, out: str) -> int:
     """The verdict on stdout (what scripts and the demos read); exit code 0 PASS, 1 FAIL."""
     print(f"verdict: {'PASS' if report.passed else 'FAIL'} ({len(report.checks) - len(report.failures)}/{len(report.checks)} checks passed)")
@@ -342,11 +308,12 @@ def _print_verdict(report, out: str) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from jev4.validate.clip_validate import is_clip_v2
+    from jev4.families.registry import local_family
     from jev4.validate.runner import ValidateSettings, validate
 
-    if is_clip_v2(args.reference):
-        return _validate_clip(args)
+    family = local_family(args.reference)
+    if family is not None and family.validator:
+        return _print_verdict(family.validate(args), args.out)
     if args.adapter is None:
         raise SettingsError(f"--adapter is required for jina-embeddings-v4 ({args.reference}): the task the artifact was built with (retrieval, text-matching or code)")
     report = validate(

@@ -33,6 +33,7 @@ from jev4.atomic import check_not_temp_dir
 from jev4.errors import Jev4Error, ManifestError, ProviderError, SettingsError
 from jev4.export.gguf import GGUF_KIND
 from jev4.export.manifest import MANIFEST_NAME, read_manifest, verify_manifest
+from jev4.families.registry import local_family
 from jev4.model.checkpoint import resolve_model_dir
 from jev4.model.config import CONFIG_NAME, MERGED_TASK_KEY, JinaV4Config, load_config
 from jev4.model.encoder import Encoder, TorchEncoder
@@ -51,6 +52,24 @@ THREADLESS_BACKENDS = {
     "infinity": "runs in an infinity-emb server, whose threads are set where that server is started",
     "tensorrt": "runs on a GPU, where there is no CPU thread pool to size",
 }
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What ``load`` was asked for, handed to a family's own loader (``Family.load_runtime``).
+
+    ``v4_only`` names the options given that apply to jina-embeddings-v4
+    only (tasks, quantization, compile, servers); a family refuses them in
+    one line rather than ignoring them.
+    """
+
+    backend: str
+    provider: str
+    device: str
+    dtype: str
+    verify: bool
+    threads: int | None
+    v4_only: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,7 +116,8 @@ def inspect(path: str | Path) -> ArtifactInfo:
     return ArtifactInfo(root, kind, config, manifest)
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
+    """Refuse a CUDA device where no GPU is visible (one line, before anything loads)."""
     if str(device).startswith("cuda"):
         import torch
 
@@ -119,7 +139,7 @@ def check_threads(threads: object, backend: str) -> None:
         raise SettingsError(f"threads={threads}: backend {backend!r} {THREADLESS_BACKENDS[backend]}; leave threads=None")
 
 
-def _set_torch_threads(threads: int | None) -> None:
+def set_torch_threads(threads: int | None) -> None:
     """``torch.set_num_threads(threads)`` when given.
 
     torch has one intra-op thread pool per process, not one per model, so
@@ -193,10 +213,11 @@ def load(
     if backend not in BACKENDS:
         raise Jev4Error(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     check_threads(threads, backend)
-    clip_v2 = _clip_v2_root(path)
-    if clip_v2 is not None:
+    family = local_family(path)
+    if family is not None and family.runtime_loader:
         v4_only = {"quantization": quantization, "task": task, "url": url, "vllm_python": vllm_python, "vllm_pooling": vllm_pooling, "triton_python": triton_python, "infinity_python": infinity_python, "compile": compile}
-        return _load_clip_v2(clip_v2, backend, provider, device, dtype, verify, threads, [name for name, value in v4_only.items() if value not in (None, False)])
+        given = tuple(name for name, value in v4_only.items() if value not in (None, False))
+        return family.load_runtime(Path(path).expanduser(), LoadRequest(backend, provider, device, dtype, verify, threads, given))
     info = inspect(path)
     root, manifest, kind = info.root, info.manifest, info.kind
     if backend == "auto":
@@ -215,9 +236,9 @@ def load(
     if backend == "llamacpp":
         from jev4.runtime.llamacpp_backend import LlamaCppEncoder, LlamaCppSettings
 
-        return _with_output_codec(LlamaCppEncoder.open(root, manifest, info.config, LlamaCppSettings(threads=threads)), root)
+        return with_output_codec(LlamaCppEncoder.open(root, manifest, info.config, LlamaCppSettings(threads=threads)), root)
     if backend == "torch":
-        _check_device(device)
+        check_device(device)
         if kind == "onnx":
             raise ManifestError(f"{root}: is an ONNX artifact; load it with backend='onnxruntime' (or point torch at a checkpoint)")
         text_only = kind == TEXT_ONLY_KIND or is_text_only(info.config.raw)
@@ -225,7 +246,7 @@ def load(
             raise Jev4Error(f"quantization={quantization!r} is not available for a text-only export; load the full merged checkpoint")
         if text_only and compiled is not None:
             raise Jev4Error("compile= is not available for a text-only export; load the full merged checkpoint")
-        _set_torch_threads(threads)  # before the weights load: loading and merging run on the same pool
+        set_torch_threads(threads)  # before the weights load: loading and merging run on the same pool
         if text_only:
             from jev4.runtime.text_only import TextOnlyEncoder
 
@@ -241,7 +262,7 @@ def load(
         else:
             encoder = TorchEncoder.from_pretrained(root, dtype=dtype, device=device)
         encoder.threads = threads
-        return _with_output_codec(encoder, root)
+        return with_output_codec(encoder, root)
     if quantization is not None:
         raise Jev4Error(f"quantization={quantization!r} is for the torch backend; an ONNX artifact carries its own precision")
     if kind != "onnx":
@@ -251,49 +272,10 @@ def load(
         from jev4.runtime.tensorrt_backend import TensorRTEncoder
 
         trt_device = device if str(device).startswith("cuda") else "cuda"
-        return _with_output_codec(TensorRTEncoder.open(root, manifest, config, Preprocessor.from_dir(root, config), device=trt_device), root)
+        return with_output_codec(TensorRTEncoder.open(root, manifest, config, Preprocessor.from_dir(root, config), device=trt_device), root)
     from jev4.runtime.onnxruntime_backend import OnnxRuntimeEncoder
 
-    return _with_output_codec(OnnxRuntimeEncoder(root, manifest, config, Preprocessor.from_dir(root, config), provider=provider, threads=threads), root)
-
-
-def _clip_v2_root(path: str | Path) -> Path | None:
-    """``path`` when it is a local directory whose config.json says jina-clip-v2 (``model_type: jina_clip``), else None (the v4 paths)."""
-    from jev4.families.jina_clip_v2.config import MODEL_TYPE
-
-    root = Path(path).expanduser()
-    return root if root.is_dir() and _raw_config(root).get("model_type") == MODEL_TYPE else None
-
-
-def _load_clip_v2(root: Path, backend: str, provider: str, device: str, dtype: str, verify: bool, threads: int | None, v4_only: list[str]):
-    """jina-clip-v2: its torch reference encoder for a checkpoint, ``ClipV2OnnxEncoder`` for a jev4 clip-v2 ONNX artifact."""
-    from jev4.families.jina_clip_v2.encoder import ClipV2Encoder
-    from jev4.families.jina_clip_v2.onnx_encoder import ClipV2OnnxEncoder, is_clip_v2_artifact
-
-    check_not_temp_dir(root)
-    if v4_only:
-        raise SettingsError(f"{root}: is jina-clip-v2; {', '.join(v4_only)} apply to jina-embeddings-v4 only")
-    manifest = read_manifest(root) if (root / MANIFEST_NAME).is_file() else None
-    if manifest is None:
-        graphs = [name for name in ("text.onnx", "vision.onnx", "model.onnx") if (root / name).is_file()]
-        if graphs:
-            raise ManifestError(f"{root}: holds {', '.join(graphs)} but no {MANIFEST_NAME}; re-export it (without the manifest its files cannot be checked)")
-        if backend not in ("auto", "torch"):
-            raise ManifestError(f"{root}: is a jina-clip-v2 checkpoint, which backend {backend!r} cannot run; use backend='torch' or export it (jev4-export --model {root})")
-        _check_device(device)
-        _set_torch_threads(threads)
-        encoder = ClipV2Encoder.from_pretrained(root, dtype=dtype, device=device)
-        encoder.threads = threads
-        return encoder
-    if not is_clip_v2_artifact(manifest):
-        raise ManifestError(f"{root}: config.json says jina-clip-v2 but the manifest is a {manifest.get('kind')!r} artifact jev4 cannot run for this family")
-    if backend not in ("auto", "onnxruntime"):
-        raise ManifestError(f"{root}: is a jina-clip-v2 ONNX artifact; backend {backend!r} cannot run it: use backend='onnxruntime'")
-    if verify:
-        verify_manifest(root)
-    from jev4.families.jina_clip_v2.config import load_config as load_clip_v2_config
-
-    return _with_output_codec(ClipV2OnnxEncoder(root, manifest, load_clip_v2_config(root), provider=provider, threads=threads), root)
+    return with_output_codec(OnnxRuntimeEncoder(root, manifest, config, Preprocessor.from_dir(root, config), provider=provider, threads=threads), root)
 
 
 def _compile_settings(compile: CompileSettings | bool | None, quantization: str | None, backend: str) -> CompileSettings | None:
@@ -313,7 +295,7 @@ def _compile_settings(compile: CompileSettings | bool | None, quantization: str 
     return CompileSettings() if compile else None
 
 
-def _with_output_codec(encoder: Encoder, root: Path) -> Encoder:
+def with_output_codec(encoder: Encoder, root: Path) -> Encoder:
     """Attach the artifact's output codec (``output-codec.json``), or a calibration-free one for binary/float16 outputs."""
     from jev4.quant.output_codec import OutputCodec
 
@@ -335,11 +317,11 @@ def _vllm_encoder(info: ArtifactInfo, url: str | None, python: str | None, pooli
     preprocessor = Preprocessor.from_dir(info.root, info.config)
     projector = read_projector(info.root / info.config.raw[PROJECTOR_KEY], info.config.hidden_size, torch.float32, "cpu")
     if url is not None:
-        return _with_output_codec(VllmEncoder(url, info.config, preprocessor, pooling=pooling, projector=projector), info.root)
+        return with_output_codec(VllmEncoder(url, info.config, preprocessor, pooling=pooling, projector=projector), info.root)
     settings = VllmServerSettings(artifact=str(info.root), pooling=pooling or "embed", **({"python": python} if python else {}))
     server = VllmServer(settings).__enter__()
     try:
-        return _with_output_codec(VllmEncoder(server.url, info.config, preprocessor, pooling=settings.pooling, projector=projector, server=server), info.root)
+        return with_output_codec(VllmEncoder(server.url, info.config, preprocessor, pooling=settings.pooling, projector=projector, server=server), info.root)
     except BaseException:
         server.stop()
         raise
@@ -352,10 +334,10 @@ def _triton_encoder(info: ArtifactInfo, url: str | None, protocol: str, python: 
     if protocol not in PROTOCOLS:
         raise Jev4Error(f"unknown triton_protocol {protocol!r}; choose one of {PROTOCOLS}")
     if url is not None:
-        return _with_output_codec(TritonEncoder(url, protocol), info.root)
+        return with_output_codec(TritonEncoder(url, protocol), info.root)
     server = TritonServer(TritonServerSettings(artifact=str(info.root), **({"python": python} if python else {}))).__enter__()
     try:
-        return _with_output_codec(TritonEncoder(server.url(protocol), protocol, server=server), info.root)
+        return with_output_codec(TritonEncoder(server.url(protocol), protocol, server=server), info.root)
     except BaseException:
         server.stop()
         raise
@@ -369,11 +351,11 @@ def _infinity_encoder(info: ArtifactInfo, url: str | None, python: str | None) -
         raise ManifestError(f"{info.root}: is a {info.kind}; infinity-emb serves the --text-only export (jev4-export --text-only)")
     preprocessor = Preprocessor.from_dir(info.root, info.config)
     if url is not None:
-        return _with_output_codec(InfinityEncoder(url, info.config, preprocessor), info.root)
+        return with_output_codec(InfinityEncoder(url, info.config, preprocessor), info.root)
     settings = InfinityServerSettings(artifact=str(info.root), **({"python": python} if python else {}))
     server = InfinityServer(settings).__enter__()
     try:
-        return _with_output_codec(InfinityEncoder(server.url, info.config, preprocessor, server=server), info.root)
+        return with_output_codec(InfinityEncoder(server.url, info.config, preprocessor, server=server), info.root)
     except BaseException:
         server.stop()
         raise

@@ -27,19 +27,9 @@ from jev4.validate.thresholds import evaluate_clip, load_clip_thresholds
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FAMILY", "ClipValidateSettings", "ClipValidationReport", "is_clip_v2", "retrieval_results", "validate_clip"]
+__all__ = ["FAMILY", "ClipValidateSettings", "ClipValidationReport", "retrieval_results", "validate_clip"]
 
 FAMILY = "jina-clip-v2"
-
-
-def is_clip_v2(model_dir: str | Path) -> bool:
-    """Whether ``model_dir`` is a local directory whose config.json names jina-clip-v2 (``family_of``).
-
-    A hub id or a directory without config.json is not (v4's runner then
-    reports on it in its own words).
-    """
-    path = Path(model_dir).expanduser()
-    return (path / CONFIG_NAME).is_file() and family_of(path).name == FAMILY
 
 
 @dataclass(frozen=True)
