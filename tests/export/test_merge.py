@@ -180,6 +180,43 @@ def test_sentence_transformers_loads_text_only(text_only, source_encoder):
     assert st.prompts["passage"] == expected_passage and st.prompts["query"] == "Query: "
 
 
+def test_side_files_of_both_layouts(merged, text_only, merge_source):
+    """The files around the weights: what tokenizers, transformers and sentence-transformers read from OUT."""
+    from safetensors import safe_open
+
+    from jev4.export.merge import TOKENIZER_FILES, VISION_FILES
+
+    full = merged["retrieval"]
+    task, text = text_only
+    source_tokenizer = json.loads((merge_source / "tokenizer_config.json").read_text())
+    for out, copied, left_out in ((full, TOKENIZER_FILES + VISION_FILES, ()), (text, TOKENIZER_FILES, VISION_FILES)):
+        for name in copied:
+            if name != "tokenizer_config.json" and (merge_source / name).is_file():
+                assert (out / name).read_bytes() == (merge_source / name).read_bytes(), name
+        assert all(not (out / name).exists() for name in left_out) and any((merge_source / name).is_file() for name in left_out or VISION_FILES)
+        tokenizer = json.loads((out / "tokenizer_config.json").read_text())
+        # right padding is the only change: valid tokens then get position ids 0..n-1, as plain Qwen2 computes them
+        assert tokenizer == {**source_tokenizer, "padding_side": "right"}
+    config = json.loads((text / "config.json").read_text())
+    assert config["jev4_merged_task"] == task and config["torch_dtype"] == "float32"
+    with safe_open(str(text / "multi_vector_projector" / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # what transformers' and sentence-transformers' loaders require
+    assert json.loads((text / "sentence_bert_config.json").read_text())["max_seq_length"] == source_tokenizer["model_max_length"]
+
+
+@pytest.mark.parametrize(("model_max_length", "expected"), [(131072, 32768), (None, 8192), (4096, 4096)])
+def test_sentence_transformers_length_follows_the_tokenizer(tmp_path, merge_source, model_max_length, expected):
+    """max_seq_length is the tokenizer's model_max_length, capped at 32768 (upstream's own model_max_length); 8192 without one."""
+    src = shutil.copytree(merge_source, tmp_path / "src")
+    tokenizer = json.loads((src / "tokenizer_config.json").read_text())
+    tokenizer.pop("model_max_length")
+    if model_max_length is not None:
+        tokenizer["model_max_length"] = model_max_length
+    (src / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    out = merge_checkpoint(MergeSettings(model=str(src), adapter="code", out=str(tmp_path / "m"), text_only=True), progress=False)
+    assert json.loads((out / "sentence_bert_config.json").read_text())["max_seq_length"] == expected
+
+
 # ---- bad inputs: each its own clear error, and no output left behind ------------------------------
 
 
