@@ -6,9 +6,14 @@ checkpoint copies one into its own ``tmp_path`` first.
 
 import numpy as np
 import pytest
+import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401
 from PIL import Image
 
 from jev4.model.tiny import write_tiny_checkpoint
+
+# The backbone's modelling module is imported at collection, not by the first fixture that builds a network
+# (transformers imports it lazily, ~3 s): `make mutation` forks every mutant's test run from one process
+# that has collected the tests, so each fork then starts with it loaded.
 
 IMAGE_SIZES = ((60, 90), (100, 120), (140, 210))  # (height, width): three different image_grid_thw
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from sentence_transformers import SentenceTransformer  # at collection: mutation forks start with it loaded (~4 s)
 
 from jev4.errors import AdapterError, CheckpointError, OutputExistsError, TaskError
 from jev4.export.manifest import MANIFEST_NAME, verify_manifest
@@ -168,8 +169,6 @@ def test_text_only_hidden_states_equal_reference(text_only, source_encoder):
 
 
 def test_sentence_transformers_loads_text_only(text_only, source_encoder):
-    from sentence_transformers import SentenceTransformer
-
     task, out = text_only
     st = SentenceTransformer(str(out), device="cpu")
     for prompt in ("query", "passage"):
