@@ -179,7 +179,7 @@ def run_group(group: Group, work: Path, children: int) -> GroupResult:
     log.info("%s: mutating %s against %s", group.name, ", ".join(group.modules), ", ".join(group.tests))
     started = time.perf_counter()
     with open(cwd / "mutmut-run.log", "w") as out:  # mutmut redraws a progress line; the log keeps it off the terminal
-        done = subprocess.run([str(mutmut), "run", "--max-children", str(children), *group.functions], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **_ONE_THREAD, "PYTHONDONTWRITEBYTECODE": "1"})
+        done = subprocess.run([str(mutmut), "run", "--max-children", str(children), *group.functions], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **_ONE_THREAD, "JEV4_MUTATION": "1", "PYTHONDONTWRITEBYTECODE": "1"})
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{group.name}: mutmut run failed (exit {done.returncode}); see {cwd / 'mutmut-run.log'}")

@@ -1,6 +1,7 @@
 """Adapter merge: merged == unmerged for every task, text-only export, bad inputs leave no output."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -36,10 +37,28 @@ def _min_cos(a, b):
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).min().item()
 
 
-@pytest.fixture(scope="module")
+def _merge_scope(fixture_name, config):
+    """Module scope: each merge once per run. Per test under ``make mutation`` (JEV4_MUTATION=1): mutmut runs a
+    mutant against the tests whose own run reached its code, and a module fixture's merge runs inside the first
+    test that asks for it only, so the tests that read the shared output would never see a mutant."""
+    return "function" if os.environ.get("JEV4_MUTATION") == "1" else "module"
+
+
+class _MergedByTask(dict):
+    """Task -> merged fp32 checkpoint, merged when first asked for."""
+
+    def __init__(self, root, source):
+        super().__init__()
+        self.root, self.source = root, source
+
+    def __missing__(self, task):
+        self[task] = merge_checkpoint(MergeSettings(model=str(self.source), adapter=task, out=str(self.root / task), dtype="fp32"), progress=False)
+        return self[task]
+
+
+@pytest.fixture(scope=_merge_scope)
 def merged(tmp_path_factory, merge_source):
-    root = tmp_path_factory.mktemp("merged")
-    return {t: merge_checkpoint(MergeSettings(model=str(merge_source), adapter=t, out=str(root / t), dtype="fp32"), progress=False) for t in TASKS}
+    return _MergedByTask(tmp_path_factory.mktemp("merged"), merge_source)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -125,7 +144,7 @@ def test_small_shards_are_indexed(tmp_path, merge_source, source_encoder):
 # ---- text-only export: a plain Qwen2 checkpoint that sentence-transformers loads --------------------
 
 
-@pytest.fixture(scope="module", params=["retrieval", "text-matching"])
+@pytest.fixture(scope=_merge_scope, params=["retrieval", "text-matching"])
 def text_only(request, tmp_path_factory, merge_source):
     task = request.param
     out = tmp_path_factory.mktemp("text-only") / task
