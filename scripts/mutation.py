@@ -84,7 +84,7 @@ GROUPS = (
     Group(
         "codecs",
         ("jev4/quant/embeddings.py",),
-        ("tests/quant/test_embeddings.py", "tests/quant/test_properties.py", "tests/quant/test_packing_contract.py"),
+        ("tests/quant/test_embeddings.py", "tests/quant/test_properties.py", "tests/quant/test_packing_contract.py", "tests/quant/test_codec_contract.py"),
         (
             "jev4.quant.embeddings.xǁCalibrationǁ*",
             "jev4.quant.embeddings.xǁEmbeddingCodecǁ*",
