@@ -101,7 +101,7 @@ GROUPS = (
         ("tests/quant/test_embeddings.py", "tests/quant/test_properties.py", "tests/quant/test_packing_contract.py"),
         _functions("jev4.quant.embeddings", "check_precision", "_family", "code_width", "bytes_per_vector", "pack_int4", "unpack_int4", "pack_ternary", "_trit_table", "unpack_ternary", "pack_bits", "unpack_bits"),
     ),
-    Group("search", ("jev4/quant/search.py",), ("tests/quant/test_search.py", "tests/quant/test_properties.py")),
+    Group("search", ("jev4/quant/search.py",), ("tests/quant/test_search.py", "tests/quant/test_properties.py", "tests/quant/test_search_contract.py")),
     Group("metrics", ("jev4/validate/metrics.py", "jev4/validate/streaming.py"), ("tests/validate/test_metrics.py", "tests/validate/test_streaming.py", "tests/validate/test_metrics_mutants.py")),
     Group("thresholds", ("jev4/validate/thresholds.py",), ("tests/validate/test_thresholds.py", "tests/validate/test_thresholds_boundaries.py", "tests/validate/test_codecs.py", "tests/validate/test_clip_thresholds.py")),
     Group("parity", ("jev4/validate/parity.py",), ("tests/validate/test_parity_units.py",)),
