@@ -222,6 +222,26 @@ def test_side_files_of_both_layouts(merged, text_only, merge_source):
     assert json.loads((text / "sentence_bert_config.json").read_text())["max_seq_length"] == source_tokenizer["model_max_length"]
 
 
+def test_manifest_names_kind_source_and_output_codec(tmp_path, merge_source, caplog):
+    """What the manifest says of a merge: its kind, its source dir and the output codec it carries (file included)."""
+    import logging
+
+    from jev4.quant.output_codec import OUTPUT_CODEC_NAME, OutputCodec
+
+    codec = OutputCodec("ubinary", None, None, {"precision": "ubinary"})
+    with caplog.at_level(logging.INFO, logger="jev4.export.merge"):
+        out = merge_checkpoint(MergeSettings(model=str(merge_source), adapter="code", out=str(tmp_path / "m")), progress=False, output_codec=codec)
+    manifest = verify_manifest(out)
+    assert manifest["kind"] == "merged" and manifest["source"] == str(merge_source)
+    assert manifest["contents"] == {"output_codec": codec.describe()} and OUTPUT_CODEC_NAME in manifest["files"]
+    assert json.loads((out / OUTPUT_CODEC_NAME).read_text()) == codec.to_json()
+    adapted = sum(1 for key in load_file(next((merge_source / "adapters").glob("*.safetensors"))) if ".code.weight" in key and "lora_A" in key)
+    assert f"merged {adapted} modules of task 'code' into {out}" in caplog.messages
+    text = merge_checkpoint(MergeSettings(model=str(merge_source), adapter="code", out=str(tmp_path / "t"), text_only=True), progress=False)
+    manifest = verify_manifest(text)
+    assert manifest["kind"] == "merged-text-only" and manifest["contents"] == {} and not (text / OUTPUT_CODEC_NAME).exists()
+
+
 @pytest.mark.parametrize(("model_max_length", "expected"), [(131072, 32768), (None, 8192), (4096, 4096)])
 def test_sentence_transformers_length_follows_the_tokenizer(tmp_path, merge_source, model_max_length, expected):
     """max_seq_length is the tokenizer's model_max_length, capped at 32768 (upstream's own model_max_length); 8192 without one."""
