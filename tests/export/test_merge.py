@@ -393,3 +393,55 @@ def test_fp16_overflow_after_merge_is_named(tmp_path, merge_source):
     _assert_no_output(out)
     merge_checkpoint(MergeSettings(model=str(src), adapter="retrieval", out=str(out), dtype="bf16"), progress=False)
     verify_manifest(out)
+
+
+def test_shard_limit_must_be_at_least_one_byte(merge_source):
+    from jev4.errors import SettingsError
+
+    for bad in (0, -5):
+        with pytest.raises(SettingsError, match=rf"^max_shard_bytes must be positive, got {bad}$"):
+            MergeSettings(model=str(merge_source), adapter="retrieval", out="unused", max_shard_bytes=bad)
+    assert MergeSettings(model=str(merge_source), adapter="retrieval", out="unused", max_shard_bytes=1).max_shard_bytes == 1
+
+
+def _cast_shards(src, cast):
+    for shard in src.glob("model-*.safetensors"):
+        tensors = load_file(shard)
+        save_file({k: cast(k, t) for k, t in tensors.items()}, str(shard), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("cast", "found"),
+    [
+        (lambda k, t: t.float() if k.endswith("norm.weight") else t, "['BF16', 'F32']"),  # mixed: which dtype would OUT have?
+        (lambda k, t: t.double(), "['F64']"),  # one dtype, but not one the merge writes
+    ],
+)
+def test_weights_of_mixed_or_unsupported_dtypes_are_refused(tmp_path, merge_source, cast, found):
+    src = shutil.copytree(merge_source, tmp_path / "src")
+    _cast_shards(src, cast)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError) as raised:
+        merge_checkpoint(MergeSettings(model=str(src), adapter="retrieval", out=str(out)), progress=False)
+    assert str(raised.value) == f"{src}: expected one float dtype for all weights, found {found}"
+    _assert_no_output(out)
+
+
+def test_a_tensor_given_twice_under_both_layouts_is_named(tmp_path, merge_source):
+    src = shutil.copytree(merge_source, tmp_path / "src")
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = src / index["weight_map"]["model.norm.weight"]
+    tensors = load_file(shard)
+    tensors["model.language_model.norm.weight"] = tensors["model.norm.weight"].clone()  # the current layout's name for it
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index["weight_map"]["model.language_model.norm.weight"] = shard.name
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"'model\.(language_model\.)?norm\.weight' maps to '[\w.]+norm\.weight', which another tensor already provides"):
+        merge_checkpoint(MergeSettings(model=str(src), adapter="retrieval", out=str(tmp_path / "out")), progress=False)
+
+
+def test_an_already_merged_checkpoint_is_refused(tmp_path, merged):
+    with pytest.raises(AdapterError) as raised:
+        merge_checkpoint(MergeSettings(model=str(merged["retrieval"]), adapter="code", out=str(tmp_path / "out")), progress=False)
+    assert str(raised.value) == f"{merged['retrieval']}: already has the 'retrieval' adapter merged in"
