@@ -445,3 +445,17 @@ def test_an_already_merged_checkpoint_is_refused(tmp_path, merged):
     with pytest.raises(AdapterError) as raised:
         merge_checkpoint(MergeSettings(model=str(merged["retrieval"]), adapter="code", out=str(tmp_path / "out")), progress=False)
     assert str(raised.value) == f"{merged['retrieval']}: already has the 'retrieval' adapter merged in"
+
+
+def test_text_only_merge_is_the_same_from_either_key_layout(tmp_path, tiny_dir, tiny_dir_new):
+    """The same weights under the older and the current key names give the same text-only checkpoint.
+
+    In the current layout `model.visual.*` sorts between the language model and the projector, so a merge
+    that stopped reading a shard at its first vision tensor would lose the projector there."""
+    outs = [
+        merge_checkpoint(MergeSettings(model=str(src), adapter="retrieval", out=str(tmp_path / name), dtype="fp32", text_only=True), progress=False)
+        for name, src in (("old", tiny_dir), ("new", tiny_dir_new))
+    ]
+    for rel in ("model.safetensors", "multi_vector_projector/model.safetensors"):
+        old, new = (load_file(out / rel) for out in outs)
+        assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old), rel
